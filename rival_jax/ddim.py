@@ -1,0 +1,68 @@
+"""DDIM schedule and the one deterministic step that both inversion and generation take.
+
+The noise schedule comes from diffusers' `FlaxDDIMScheduler` built from the checkpoint's scheduler
+config with the settings of ALGORITHM.md section 0 forced (DDIM, eta = 0, `set_alpha_to_one=False`,
+`steps_offset=1`, no sample clipping).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from diffusers import FlaxDDIMScheduler
+from flax import struct
+import jax.numpy as jnp
+
+from rival_jax.errors import RivalError
+
+DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+@struct.dataclass
+class DDIMSchedule:
+    """abar(t) for every training timestep, and abar used for 'before t = 0'."""
+
+    alphas_cumprod: jnp.ndarray
+    final_alpha_cumprod: jnp.ndarray
+    num_train_timesteps: int = struct.field(pytree_node=False)
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> DDIMSchedule:
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise RivalError(
+                f"scheduler prediction_type={prediction!r} is not supported: RIVAL needs an "
+                "epsilon-prediction SD 1.x checkpoint"
+            )
+        settings = {k: v for k, v in config.items() if not k.startswith("_")} | DDIM_OVERRIDES
+        scheduler = FlaxDDIMScheduler.from_config(settings)
+        state = scheduler.create_state()
+        return cls(
+            alphas_cumprod=state.common.alphas_cumprod,
+            final_alpha_cumprod=state.final_alpha_cumprod,
+            num_train_timesteps=scheduler.config.num_train_timesteps,
+        )
+
+    def timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """Generation order, e.g. 981, 961, ..., 1 for 50 steps ('leading' spacing, offset 1)."""
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= self.num_train_timesteps:
+            raise RivalError(
+                f"num_inference_steps={num_inference_steps!r} is out of range: use 1..{self.num_train_timesteps}"
+            )
+        stride = self.num_train_timesteps // num_inference_steps
+        return (np.arange(num_inference_steps) * stride)[::-1].astype(np.int32) + DDIM_OVERRIDES["steps_offset"]
+
+    def stride(self, num_inference_steps: int) -> int:
+        return self.num_train_timesteps // num_inference_steps
+
+    def alpha(self, t: jnp.ndarray) -> jnp.ndarray:
+        """abar(t), with abar(0) standing in for any t < 0 (`set_alpha_to_one=False`)."""
+        return jnp.where(t >= 0, self.alphas_cumprod[jnp.maximum(t, 0)], self.final_alpha_cumprod)
+
+
+def ddim_step(x: jnp.ndarray, eps: jnp.ndarray, alpha_from: jnp.ndarray, alpha_to: jnp.ndarray) -> jnp.ndarray:
+    """Move x from noise level abar=alpha_from to alpha_to along eps (eta = 0).
+
+    Denoising uses alpha_to > alpha_from, inversion the reverse; the formula is the same.
+    """
+    x0 = (x - jnp.sqrt(1.0 - alpha_from) * eps) / jnp.sqrt(alpha_from)
+    return jnp.sqrt(alpha_to) * x0 + jnp.sqrt(1.0 - alpha_to) * eps

@@ -1,0 +1,131 @@
+"""Image and file I/O at the edges: reading exemplars and masks, grids, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from rival_jax.errors import RivalError
+
+
+def open_image(path: str | os.PathLike, what: str = "exemplar") -> Image.Image:
+    """Open an image file fully, with one-line errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RivalError(f"{what} {path} does not exist: check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as error:
+        raise RivalError(f"{what} {path} is not a readable image ({type(error).__name__}): use a PNG or JPEG") from None
+
+
+def as_rgb(image: Image.Image, name: str = "exemplar") -> Image.Image:
+    """RIVAL needs 3-channel colour: palette images are expanded, anything else is refused."""
+    if image.mode == "P" and "transparency" not in image.info:
+        image = image.convert("RGB")
+    if image.mode != "RGB":
+        kind = {"L": "grayscale", "1": "black-and-white", "LA": "grayscale+alpha", "RGBA": "RGBA", "P": "RGBA"}
+        raise RivalError(
+            f"{name} is {kind.get(image.mode, image.mode)} ({image.mode}): RIVAL needs an RGB image, "
+            "convert it first (e.g. PIL's image.convert('RGB'))"
+        )
+    return image
+
+
+def square_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """Centre-crop to a square and resize to resolution x resolution (ALGORITHM.md section 1)."""
+    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def exemplar_array(image: Any, resolution: int) -> np.ndarray:
+    """A path, PIL image or uint8 (H, W, 3) array to the preprocessed exemplar (res, res, 3) uint8."""
+    if isinstance(image, (str, os.PathLike)):
+        image = as_rgb(open_image(image), f"exemplar {image}")
+    if isinstance(image, Image.Image):
+        return np.asarray(square_resize(as_rgb(image), resolution))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise RivalError(
+            f"exemplar array has shape {array.shape} and dtype {array.dtype}: pass uint8 (H, W, 3) RGB, a PIL image or a path"
+        )
+    return np.asarray(square_resize(Image.fromarray(array), resolution))
+
+
+def mask_file(path: str | os.PathLike, exemplar_size: tuple[int, int], resolution: int) -> np.ndarray:
+    """Read a mask drawn on the exemplar (white = regenerate) and crop/resize it like the exemplar."""
+    image = open_image(path, "mask")
+    if image.size != exemplar_size:
+        raise RivalError(
+            f"mask {path} is {image.size[0]}x{image.size[1]} but the exemplar is "
+            f"{exemplar_size[0]}x{exemplar_size[1]}: draw the mask at the exemplar's size"
+        )
+    return np.asarray(square_resize(image.convert("L"), resolution))
+
+
+def mask_region(mask: Any, resolution: int, latent_size: int) -> np.ndarray:
+    """A mask (res x res or latent size; white/True/1 = regenerate) to a boolean latent-grid region."""
+    array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask)
+    if array.ndim == 3:
+        array = array.mean(axis=-1)
+    if array.shape not in ((resolution, resolution), (latent_size, latent_size)):
+        raise RivalError(
+            f"mask has shape {array.shape}: use {resolution}x{resolution} (the exemplar after cropping "
+            f"and resizing) or {latent_size}x{latent_size} (the latent grid)"
+        )
+    scale = 255.0 if array.dtype == np.uint8 else 1.0
+    values = array.astype(np.float32) / scale
+    factor = array.shape[0] // latent_size
+    pooled = values.reshape(latent_size, factor, latent_size, factor).mean(axis=(1, 3))
+    region = pooled >= 0.5
+    if not region.any():
+        raise RivalError("mask marks no region to regenerate: paint the area to repaint white")
+    return region
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """(N, H, W, 3) floats in [0, 1] to PIL images."""
+    return [Image.fromarray(np.round(np.clip(i, 0, 1) * 255).astype(np.uint8)) for i in images]
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile equally sized images left to right, top to bottom."""
+    columns = columns or min(len(images), 5)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
+    """Write via a temporary file in the same folder and rename it over `path`: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb" if binary else "w") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    return write_atomic(path, lambda stream: image.save(stream, format="PNG"))
+
+
+def save_json(data: Any, path: str | os.PathLike) -> Path:
+    return write_atomic(path, lambda stream: json.dump(data, stream, indent=2, sort_keys=True), binary=False)

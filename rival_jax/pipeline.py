@@ -1,0 +1,275 @@
+"""`RivalPipeline`: one object, diffusers-style, that holds the models and runs RIVAL.
+
+It owns the compiled programs (one each for encoding, inversion, the reference pass, start latents,
+aligned generation and decoding) and turns user input into arrays; the math lives in pure functions
+(`inversion`, `sampler`, `attention`) that take the params pytree explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from rival_jax import images, progress
+from rival_jax.config import RivalConfig
+from rival_jax.errors import RivalError
+from rival_jax.inversion import invert
+from rival_jax.loading import LoadedModels, load_models
+from rival_jax.sampler import ReferenceFeatures, aligned_generate, reference_pass, start_latents
+
+OutputType = Literal["pil", "np", "latent"]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class InversionChain:
+    """An exemplar's DDIM inversion chain and what made it.
+
+    latents: (T+1, 4, h, w), x_0 (the encoded exemplar) first, x_T last.
+    reference: the exemplar's per-step features; `RivalPipeline.generate` fills it on first use and
+        every later call with this chain reuses it.
+    """
+
+    latents: jax.Array
+    timesteps: np.ndarray
+    prompt: str
+    image: np.ndarray
+    reference: ReferenceFeatures | None = None
+
+    @property
+    def num_inference_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class RivalOutput:
+    """Generated variations: `images` per `output_type`, plus the latents and the indices that seed them."""
+
+    images: Any
+    latents: np.ndarray
+    start_latents: np.ndarray
+    indices: np.ndarray
+    seed: int
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise RivalError(f"dtype {dtype!r} is not supported: use {' or '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+class RivalPipeline:
+    """RIVAL on a Flax Stable Diffusion 1.x checkpoint.
+
+    >>> pipe = RivalPipeline.from_pretrained("tiny")
+    >>> chain = pipe.invert("exemplar.png", prompt="a photo of a cat", num_inference_steps=50)
+    >>> out = pipe.generate(chain, num_variations=4, seed=0)
+    """
+
+    def __init__(self, models: LoadedModels, dtype: jnp.dtype = jnp.float32) -> None:
+        self.models = models
+        self.dtype = dtype
+        self.params = models.params
+        unet, vae = models.unet, models.vae
+        self.vae_scale = float(vae.config.scaling_factor)
+        self.latent_size = int(unet.config.sample_size)
+        self.resolution = self.latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        self._invert = jax.jit(functools.partial(invert, unet))
+        self._reference_pass = jax.jit(functools.partial(reference_pass, unet))
+        self._start_latents = jax.jit(start_latents, static_argnames="config")
+        self._generate = jax.jit(functools.partial(aligned_generate, unet))
+        self._encode = jax.jit(self._encode_fn)
+        self._decode = jax.jit(self._decode_fn)
+        self._text = jax.jit(lambda ids, params: models.text_encoder(ids, params=params)[0])
+        self._executables: dict[tuple, Any] = {}
+
+    def _run(self, program: Any, description: str, steps: int, show_progress: bool, *args: Any) -> Any:
+        """Compile `program` for these argument shapes once (kept), then run it under a progress bar.
+
+        Compiling ahead of the run keeps compile time out of the step timings the bar shows.
+        """
+        leaves, structure = jax.tree_util.tree_flatten(args)
+        signature = (id(program), structure, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        if signature not in self._executables:
+            self._executables[signature] = program.lower(*args).compile()
+        with progress.progress_bar(description, steps, show_progress):
+            return jax.block_until_ready(self._executables[signature](*args))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        dtype: Any = jnp.float32,
+        cache_dir: Path | str | bool | None = True,
+    ) -> RivalPipeline:
+        """Load a diffusers-format SD 1.x folder, a hub id, or "tiny" (the built-in random tiny model).
+
+        `cache_dir`: where converted safetensors params are cached (True = default folder, None = off).
+        """
+        from rival_jax.tiny import tiny_checkpoint
+
+        dtype = resolve_dtype(dtype)
+        if str(name_or_path) == "tiny" and not Path("tiny").exists():
+            tiny_cache = None if isinstance(cache_dir, bool) or cache_dir is None else Path(cache_dir)
+            name_or_path = tiny_checkpoint(cache_dir=tiny_cache)
+        return cls(load_models(name_or_path, dtype=dtype, cache_dir=cache_dir), dtype)
+
+    @property
+    def is_random_tiny(self) -> bool:
+        """True for the built-in tiny model: random weights, its images are noise."""
+        return self.models.is_random_tiny
+
+    def _encode_fn(self, params: Any, pixels: jnp.ndarray) -> jnp.ndarray:
+        vae = self.models.vae
+        posterior = vae.apply({"params": params}, pixels, method=vae.encode).latent_dist
+        return posterior.mean.transpose(0, 3, 1, 2).astype(jnp.float32) * self.vae_scale
+
+    def _decode_fn(self, params: Any, latents: jnp.ndarray) -> jnp.ndarray:
+        vae = self.models.vae
+        decoded = vae.apply({"params": params}, (latents / self.vae_scale).astype(self.dtype), method=vae.decode)
+        return jnp.clip(decoded.sample.astype(jnp.float32).transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
+
+    def encode_prompt(self, prompts: list[str]) -> jax.Array:
+        """CLIP last hidden states (B, 77, D) for prompts, padded to the tokenizer's length."""
+        tokenizer = self.models.tokenizer
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+        ).input_ids
+        return self._text(ids, self.params["text_encoder"])
+
+    def encode_image(self, image: Any) -> tuple[np.ndarray, jax.Array]:
+        """Preprocess an exemplar (path, PIL image or uint8 array) and VAE-encode it: (pixels, x_0)."""
+        pixels = images.exemplar_array(image, self.resolution)
+        scaled = jnp.asarray(pixels.transpose(2, 0, 1)[None], dtype=self.dtype) / 127.5 - 1.0
+        return pixels, self._encode(self.params["vae"], scaled)[0]
+
+    def decode(self, latents: jax.Array) -> np.ndarray:
+        """Latents (N, 4, h, w) to images (N, H, W, 3) in [0, 1]."""
+        return np.asarray(self._decode(self.params["vae"], jnp.asarray(latents)))
+
+    def invert(
+        self, image: Any, prompt: str = "", num_inference_steps: int = 50, show_progress: bool = False
+    ) -> InversionChain:
+        """DDIM-invert the exemplar with `prompt` (empty = null-prompt inversion)."""
+        timesteps = self.models.schedule.timesteps(num_inference_steps)
+        pixels, x0 = self.encode_image(image)
+        text = self.encode_prompt([prompt])
+        chain = self._run(
+            self._invert,
+            "inversion",
+            num_inference_steps,
+            show_progress,
+            self.params["unet"],
+            self.models.schedule,
+            x0,
+            text,
+            jnp.asarray(timesteps),
+        )
+        return InversionChain(latents=chain, timesteps=timesteps, prompt=prompt, image=pixels)
+
+    def reference_pass(self, chain: InversionChain, show_progress: bool = False) -> ReferenceFeatures:
+        """The exemplar's features for every step, for the empty and the inversion prompt (once if equal)."""
+        prompts = [""] if chain.prompt == "" else ["", chain.prompt]
+        contexts = self.encode_prompt(prompts)
+        return self._run(
+            self._reference_pass,
+            "reference",
+            chain.num_inference_steps,
+            show_progress,
+            self.params["unet"],
+            chain.latents,
+            contexts,
+            jnp.asarray(chain.timesteps),
+        )
+
+    def start_latents(
+        self,
+        chain: InversionChain,
+        indices: np.ndarray,
+        seed: int,
+        config: RivalConfig,
+        region: np.ndarray,
+    ) -> jax.Array:
+        """Start latents of variations `indices`; variation i depends only on (seed, i)."""
+        key = jax.random.PRNGKey(seed)
+        return self._start_latents(key, jnp.asarray(indices), chain.latents[-1], jnp.asarray(region), config)
+
+    def generate(
+        self,
+        chain: InversionChain,
+        prompt: str | None = None,
+        negative_prompt: str = "",
+        num_variations: int = 1,
+        seed: int = 0,
+        config: RivalConfig | None = None,
+        latents: Any = None,
+        mask: Any = None,
+        output_type: OutputType = "pil",
+        show_progress: bool = False,
+    ) -> RivalOutput:
+        """Generate `num_variations` images aligned to the exemplar's chain.
+
+        prompt: the generated images' prompt (default: the inversion prompt, i.e. image variation).
+        latents: optional start latents (N, 4, h, w) that replace the initialisation.
+        mask: inpainting region (white/True = regenerate), at the exemplar's processed size or latent size.
+        """
+        config = config or RivalConfig()
+        if output_type not in ("pil", "np", "latent"):
+            raise RivalError(f"output_type {output_type!r} is unknown: use 'pil', 'np' or 'latent'")
+        if not isinstance(num_variations, int) or num_variations < 1:
+            raise RivalError(f"num_variations={num_variations!r} is out of range: use an integer >= 1")
+        size = self.latent_size
+        region = (
+            np.ones((size, size), bool) if mask is None else images.mask_region(mask, self.resolution, size)
+        )
+        indices = np.arange(num_variations)
+        if latents is None:
+            start = self.start_latents(chain, indices, seed, config, region)
+        else:
+            start = jnp.asarray(latents, dtype=jnp.float32)
+            if start.shape != (num_variations, 4, size, size):
+                raise RivalError(
+                    f"latents have shape {tuple(start.shape)}: expected {(num_variations, 4, size, size)} "
+                    "(num_variations, 4, h, w)"
+                )
+        if chain.reference is None:
+            chain.reference = self.reference_pass(chain, show_progress)
+        texts = self.encode_prompt([negative_prompt, chain.prompt if prompt is None else prompt])
+        final = self._run(
+            self._generate,
+            "generation",
+            chain.num_inference_steps,
+            show_progress,
+            self.params["unet"],
+            self.models.schedule,
+            chain.reference,
+            chain.latents,
+            start,
+            texts,
+            jnp.asarray(region),
+            config.as_arrays(),
+            jnp.asarray(chain.timesteps),
+        )
+        if output_type == "latent":
+            result: Any = np.asarray(final)
+        else:
+            decoded = self.decode(final)
+            result = decoded if output_type == "np" else images.to_pil(decoded)
+        return RivalOutput(
+            images=result, latents=np.asarray(final), start_latents=np.asarray(start), indices=indices, seed=seed
+        )
+
+
+def exemplar_image(chain: InversionChain) -> Image.Image:
+    """The preprocessed exemplar the chain was inverted from."""
+    return Image.fromarray(chain.image)

@@ -30,7 +30,8 @@ JOB_DEFAULTS: dict[str, Any] = {
     "output": "rival-output",
     "mask": None,
     "cache_dir": None,
-    "progress": True,
+    "compile_cache": True,
+    "progress": None,
 }
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RivalConfig))
 # The authors' release: variation inverts with the exemplar prompt, every other task with the empty one.
@@ -75,7 +76,12 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")
     add("--cache-dir", default=suppress, help="cache folder for converted weights and the tiny model")
-    add("--no-progress", dest="progress", action="store_false", default=suppress, help="hide progress bars")
+    add("--compile-cache", default=suppress, help="folder of the persistent XLA compilation cache")
+    add("--no-compile-cache", dest="compile_cache", action="store_false", default=suppress,
+        help="do not keep compiled programs on disk")
+    add("--progress", dest="progress", action="store_true", default=suppress,
+        help="per-step progress bars (default when stderr is a terminal; such programs skip the disk cache)")
+    add("--no-progress", dest="progress", action="store_false", default=suppress, help="no per-step progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +150,10 @@ def run_generate(settings: dict[str, Any]) -> Path:
     from rival_jax import images
     from rival_jax.pipeline import RivalPipeline, exemplar_image
     from rival_jax.progress import CompileTimer
+    from rival_jax.runtime import enable_compilation_cache
 
+    if settings["compile_cache"]:
+        enable_compilation_cache(None if settings["compile_cache"] is True else settings["compile_cache"])
     config = RivalConfig.from_dict({k: settings[k] for k in CONFIG_FIELDS})
     exemplar = images.as_rgb(images.open_image(settings["exemplar"]), f"exemplar {settings['exemplar']}")
     output = Path(settings["output"])
@@ -160,7 +169,7 @@ def run_generate(settings: dict[str, Any]) -> Path:
         mask = None
         if settings["mask"]:
             mask = images.mask_file(settings["mask"], exemplar.size, pipe.resolution)
-        show = bool(settings["progress"])
+        show = sys.stderr.isatty() if settings["progress"] is None else bool(settings["progress"])
         timings = {}
         clock = time.perf_counter()
         chain = pipe.invert(exemplar, settings["inversion_prompt"], settings["steps"], show_progress=show)

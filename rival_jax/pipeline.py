@@ -84,24 +84,25 @@ class RivalPipeline:
         self.vae_scale = float(vae.config.scaling_factor)
         self.latent_size = int(unet.config.sample_size)
         self.resolution = self.latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        self._invert = jax.jit(functools.partial(invert, unet))
-        self._reference_pass = jax.jit(functools.partial(reference_pass, unet))
+        self._invert = jax.jit(functools.partial(invert, unet), static_argnames="report_progress")
+        self._reference_pass = jax.jit(functools.partial(reference_pass, unet), static_argnames="report_progress")
         self._start_latents = jax.jit(start_latents, static_argnames="config")
-        self._generate = jax.jit(functools.partial(aligned_generate, unet))
+        self._generate = jax.jit(functools.partial(aligned_generate, unet), static_argnames="report_progress")
         self._encode = jax.jit(self._encode_fn)
         self._decode = jax.jit(self._decode_fn)
         self._text = jax.jit(lambda ids, params: models.text_encoder(ids, params=params)[0])
         self._executables: dict[tuple, Any] = {}
 
     def _run(self, program: Any, description: str, steps: int, show_progress: bool, *args: Any) -> Any:
-        """Compile `program` for these argument shapes once (kept), then run it under a progress bar.
+        """Compile `program` for these argument shapes once (kept), then run it, with a step bar if asked.
 
         Compiling ahead of the run keeps compile time out of the step timings the bar shows.
         """
         leaves, structure = jax.tree_util.tree_flatten(args)
-        signature = (id(program), structure, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+        signature = (id(program), show_progress, structure, shapes)
         if signature not in self._executables:
-            self._executables[signature] = program.lower(*args).compile()
+            self._executables[signature] = program.lower(*args, report_progress=show_progress).compile()
         with progress.progress_bar(description, steps, show_progress):
             return jax.block_until_ready(self._executables[signature](*args))
 

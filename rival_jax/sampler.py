@@ -38,7 +38,12 @@ class ReferenceFeatures:
 
 
 def reference_pass(
-    unet: Any, params: Any, chain: jnp.ndarray, contexts: jnp.ndarray, timesteps: jnp.ndarray
+    unet: Any,
+    params: Any,
+    chain: jnp.ndarray,
+    contexts: jnp.ndarray,
+    timesteps: jnp.ndarray,
+    report_progress: bool = False,
 ) -> ReferenceFeatures:
     """Evaluate the exemplar at every generation step j on its stored latent x_{T-j}.
 
@@ -50,7 +55,8 @@ def reference_pass(
         t, x = xs
         batch = jnp.broadcast_to(x, (contexts.shape[0], *x.shape))
         eps, hidden = unet_eps_recording(unet, params, batch, t, contexts)
-        progress.tick(t)
+        if report_progress:
+            progress.tick(t)
         return None, (hidden, eps[-1])
 
     _, (hidden, eps) = jax.lax.scan(step, None, (timesteps, latents_by_step))
@@ -132,6 +138,7 @@ def aligned_generate(
     region: jnp.ndarray,
     settings: dict[str, jnp.ndarray],
     timesteps: jnp.ndarray,
+    report_progress: bool = False,
 ) -> jnp.ndarray:
     """Denoise the variations `start` (N, 4, h, w) along the exemplar's chain; returns final latents.
 
@@ -139,18 +146,19 @@ def aligned_generate(
     region (h, w): where the variations are generated; elsewhere each step copies the exemplar's
         chain latent (inpainting; all-true otherwise).
     settings: `RivalConfig.as_arrays()`.
+    report_progress (static): tick `progress` every step (host callbacks keep the program out of
+        XLA's persistent cache, so batch work leaves it off).
     """
     count = start.shape[0]
     stride = schedule.stride(timesteps.shape[0])
-    contexts = next(iter(reference.hidden.values())).shape[1]
-    pair = jnp.array([0, contexts - 1])
     batch_texts = jnp.tile(texts, (count, 1, 1))
     next_reference_latents = chain[::-1][1:]
 
     def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
         t, hidden, eps_reference, x_reference_next = xs
         latents = jnp.repeat(x, 2, axis=0)
-        paired = {path: jnp.tile(h[pair], (count, 1, 1)) for path, h in hidden.items()}
+        # Entries alternate [uncond, cond]; they pair with the contexts [empty prompt, inversion prompt].
+        paired = {path: jnp.tile(h[jnp.array([0, h.shape[0] - 1])], (count, 1, 1)) for path, h in hidden.items()}
         branches = [
             lambda: unet_eps(unet, params, latents, t, batch_texts),
             lambda: unet_eps_injected(unet, params, latents, t, batch_texts, paired, REPLACE),
@@ -167,7 +175,8 @@ def aligned_generate(
         )
         x_next = ddim_step(x, guided, schedule.alpha(t), schedule.alpha(t - stride)).astype(x.dtype)
         x_next = jnp.where(region[None, None], x_next, x_reference_next[None])
-        progress.tick(t)
+        if report_progress:
+            progress.tick(t)
         return x_next, None
 
     final, _ = jax.lax.scan(step, start, (timesteps, reference.hidden, reference.eps, next_reference_latents))

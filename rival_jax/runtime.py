@@ -1,0 +1,22 @@
+"""Process-wide JAX settings, applied at the edges (CLI, scripts, tests), never by the math."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+from rival_jax.loading import default_cache_dir
+
+
+def enable_compilation_cache(folder: str | Path | None = None) -> Path:
+    """Keep compiled programs on disk so a later process with the same shapes skips compiling.
+
+    Default folder: `<rival_jax cache>/xla`. Every program is cached, however quick it compiled.
+    """
+    path = Path(folder) if folder else default_cache_dir() / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -1,0 +1,61 @@
+"""Shared fixtures: a private cache folder, tiny checkpoints in both formats, one loaded tiny pipeline."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_CACHE = Path(tempfile.mkdtemp(prefix="rival-jax-tests-"))
+os.environ["RIVAL_JAX_CACHE"] = str(_CACHE)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rival_jax.runtime import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(_CACHE / "xla")
+
+SHARED = Path(os.environ.get("RIVAL_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+PARITY = SHARED / "reference" / "parity"
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return _CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_flax(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rival_jax.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-flax"), seed=0, weight_format="flax")
+
+
+@pytest.fixture(scope="session")
+def tiny_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rival_jax.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-st"), seed=0, weight_format="safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_flax: Path):
+    from rival_jax import RivalPipeline
+
+    return RivalPipeline.from_pretrained(tiny_flax, cache_dir=None)
+
+
+@pytest.fixture(scope="session")
+def exemplar():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, 160, dtype=np.float32)
+    image = np.stack([np.add.outer(base[:120] * 0.5, base * 0.5), np.tile(base, (120, 1)), rng.uniform(0, 255, (120, 160))], -1)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tiny_pipe, exemplar):
+    return tiny_pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=6)

@@ -1,0 +1,199 @@
+"""Properties of the RIVAL math: attention injection, AdaIN, shuffles, start latents, stages, DDIM."""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from diffusers.models.attention_flax import FlaxAttention
+from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionOutput
+from flax.traverse_util import flatten_dict
+
+from rival_jax.attention import FUSE, REPLACE, inject_reference, unet_eps, unet_eps_injected, unet_eps_recording
+from rival_jax.config import RivalConfig
+from rival_jax.ddim import DDIMSchedule, ddim_step
+from rival_jax.inversion import invert
+from rival_jax.sampler import (
+    FUSION,
+    PLAIN,
+    REPLACEMENT,
+    ReferenceFeatures,
+    adain,
+    aligned_generate,
+    attention_stage,
+    shuffle_within,
+    start_latents,
+)
+from rival_jax.tiny import SCHEDULER_CONFIG
+
+
+class SelfAttention(nn.Module):
+    """A transformer block's self-attention, named as diffusers names it."""
+
+    @nn.compact
+    def __call__(self, x):
+        return FlaxAttention(query_dim=16, heads=2, dim_head=8, name="attn1")(x)
+
+
+@pytest.fixture(scope="module")
+def attention():
+    module = SelfAttention()
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 10, 16))
+    return module, module.init(jax.random.PRNGKey(1), x), x
+
+
+def _injected(module, params, x, reference, mode):
+    with inject_reference({("attn1",): reference}, mode):
+        return module.apply(params, x)
+
+
+@pytest.mark.parametrize("mode", [REPLACE, FUSE])
+def test_identical_reference_gives_plain_self_attention(attention, mode):
+    module, params, x = attention
+    chex.assert_trees_all_close(_injected(module, params, x, x, mode), module.apply(params, x), atol=1e-5)
+
+
+def test_replacement_takes_keys_and_values_from_reference_only(attention):
+    module, params, x = attention
+    reference = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    p = params["params"]["attn1"]
+    q = (x @ p["to_q"]["kernel"]).reshape(3, 10, 2, 8)
+    k = (reference @ p["to_k"]["kernel"]).reshape(3, 10, 2, 8)
+    v = (reference @ p["to_v"]["kernel"]).reshape(3, 10, 2, 8)
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), axis=-1)
+    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(3, 10, 16)
+    expected = mixed @ p["to_out_0"]["kernel"] + p["to_out_0"]["bias"]
+    chex.assert_trees_all_close(_injected(module, params, x, reference, REPLACE), expected, atol=1e-5)
+
+
+def test_fusion_attends_to_reference_and_own_tokens(attention):
+    module, params, x = attention
+    reference = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+    fused = _injected(module, params, x, reference, FUSE)
+    assert not np.allclose(fused, module.apply(params, x), atol=1e-3)
+    assert not np.allclose(fused, _injected(module, params, x, reference, REPLACE), atol=1e-3)
+
+
+def test_recording_covers_every_self_attention_layer_of_the_unet(tiny_pipe):
+    unet, params = tiny_pipe.models.unet, tiny_pipe.params["unet"]
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16, 16))
+    text = tiny_pipe.encode_prompt(["", "a cat"])
+    eps, hidden = unet_eps_recording(unet, params, x, 501, text)
+    blocks = {path[: path.index("attn1") + 1] for path in flatten_dict(params) if "attn1" in path}
+    assert set(hidden) == blocks and len(blocks) >= 5
+    chex.assert_trees_all_close(eps, unet_eps(unet, params, x, 501, text), atol=1e-5)
+    for path, states in hidden.items():
+        chex.assert_shape(states, (2, None, flatten_dict(params)[(*path, "to_q", "kernel")].shape[0]))
+    same = unet_eps_injected(unet, params, x, 501, text, hidden, FUSE)
+    chex.assert_trees_all_close(same, eps, atol=1e-4)
+    swapped = {path: states[::-1] for path, states in hidden.items()}
+    assert not np.allclose(unet_eps_injected(unet, params, x, 501, text, swapped, REPLACE), eps, atol=1e-3)
+
+
+def test_adain_gives_target_channel_statistics():
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (5, 4, 8, 8)) + 2.0
+    target = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8)) - 1.0
+    out = adain(x, target)
+    chex.assert_shape(out, x.shape)
+    np.testing.assert_allclose(out.mean(axis=(2, 3)), np.broadcast_to(target.mean(axis=(1, 2)), (5, 4)), atol=1e-5)
+    want = np.sqrt(np.var(np.asarray(target), axis=(1, 2), ddof=1) + 1e-5)
+    got = np.sqrt(np.var(np.asarray(out), axis=(2, 3), ddof=1) + 1e-5)
+    np.testing.assert_allclose(got, np.broadcast_to(want, (5, 4)), rtol=1e-4)
+
+
+def test_shuffle_is_one_spatial_permutation_for_all_channels():
+    positions = jnp.arange(64, dtype=jnp.float32).reshape(8, 8)
+    x = jnp.stack([positions, positions * 10.0, -positions, positions + 0.5])
+    out = shuffle_within(x, jnp.ones((8, 8), bool), jax.random.PRNGKey(0))
+    permutation = np.asarray(out[0]).astype(int).reshape(-1)
+    assert sorted(permutation) == list(range(64)) and (permutation != np.arange(64)).any()
+    for channel in range(4):
+        np.testing.assert_array_equal(out[channel].reshape(-1), x[channel].reshape(-1)[permutation])
+
+
+def test_shuffle_within_region_keeps_outside_and_permutes_inside():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8))
+    region = jnp.zeros((8, 8), bool).at[2:6, 1:5].set(True)
+    out = shuffle_within(x, region, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(out[:, ~region], x[:, ~region])
+    np.testing.assert_array_equal(np.sort(out[0, region]), np.sort(x[0, region]))
+    assert not np.array_equal(out[:, region], x[:, region])
+
+
+def test_start_latents_depend_on_seed_and_index_only():
+    x_t = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8))
+    region = jnp.ones((8, 8), bool)
+    key = jax.random.PRNGKey(7)
+    for config in (RivalConfig(), RivalConfig(latent_init="adaptive_gaussian"), RivalConfig(latent_alignment=False)):
+        four = start_latents(key, jnp.arange(4), x_t, region, config)
+        chex.assert_shape(four, (4, 4, 8, 8))
+        np.testing.assert_array_equal(four[2], start_latents(key, jnp.array([2]), x_t, region, config)[0])
+        assert not np.allclose(four[0], four[1])
+    exemplar = start_latents(key, jnp.arange(2), x_t, region, RivalConfig(latent_init="exemplar"))
+    np.testing.assert_array_equal(exemplar, jnp.stack([x_t, x_t]))
+
+
+def test_adaptive_gaussian_matches_channel_statistics():
+    x_t = jnp.array([0.5, -1.0, 2.0, 0.0])[:, None, None] + jnp.array([1.0, 0.5, 2.0, 0.1])[:, None, None] * (
+        jax.random.normal(jax.random.PRNGKey(0), (4, 64, 64))
+    )
+    out = start_latents(
+        jax.random.PRNGKey(1), jnp.arange(1), x_t, jnp.ones((64, 64), bool), RivalConfig(latent_init="adaptive_gaussian")
+    )[0]
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), x_t.mean(axis=(1, 2)), atol=0.05)
+    np.testing.assert_allclose(out.std(axis=(1, 2)), x_t.std(axis=(1, 2)), rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("t", "changes", "stage"),
+    [
+        (601, {}, REPLACEMENT),
+        (600, {}, FUSION),
+        (1, {}, FUSION),
+        (901, {"early_replacement": False}, FUSION),
+        (300, {"attention_injection": False}, PLAIN),
+        (901, {"editing_start": 900}, PLAIN),
+        (900, {"editing_start": 900}, REPLACEMENT),
+    ],
+)
+def test_attention_stage_follows_the_timestep(t, changes, stage):
+    settings = RivalConfig(t_align=600, **changes).as_arrays()
+    assert int(attention_stage(jnp.int32(t), settings)) == stage
+
+
+class InputFreeUNet(nn.Module):
+    """A 'UNet' whose noise prediction depends on t only: DDIM inversion is then exact."""
+
+    @nn.compact
+    def __call__(self, sample, t, text):
+        scale = self.param("scale", nn.initializers.ones, (4,))
+        eps = jnp.sin(0.01 * t + jnp.arange(4.0)) * scale
+        return FlaxUNet2DConditionOutput(sample=jnp.broadcast_to(eps[None, :, None, None], sample.shape))
+
+
+def test_inversion_then_plain_ddim_reconstructs_x0():
+    schedule = DDIMSchedule.from_scheduler_config(SCHEDULER_CONFIG)
+    unet = InputFreeUNet()
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8))
+    text = jnp.zeros((1, 3, 2))
+    params = unet.init(jax.random.PRNGKey(0), x0[None], 1, text)["params"]
+    timesteps = jnp.asarray(schedule.timesteps(10))
+    chain = invert(unet, params, schedule, x0, text, timesteps)
+    chex.assert_shape(chain, (11, 4, 8, 8))
+    assert float(jnp.abs(chain[-1] - x0).mean()) > 0.1
+    reference = ReferenceFeatures(hidden={}, eps=jnp.zeros((10, 4, 8, 8)))
+    settings = RivalConfig(guidance_scale=1.0, attention_injection=False, noise_alignment=False).as_arrays()
+    final = aligned_generate(
+        unet, params, schedule, reference, chain, chain[-1:], jnp.zeros((2, 3, 2)), jnp.ones((8, 8), bool), settings, timesteps
+    )
+    chex.assert_trees_all_close(final[0], x0, atol=1e-4)
+
+
+def test_ddim_step_round_trip():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 4))
+    eps = jax.random.normal(jax.random.PRNGKey(1), (4, 4))
+    there = ddim_step(x, eps, jnp.float32(0.9), jnp.float32(0.3))
+    chex.assert_trees_all_close(ddim_step(there, eps, jnp.float32(0.3), jnp.float32(0.9)), x, atol=1e-5)

@@ -14,7 +14,8 @@ transformer block (`attn1`, the self-attention; the text cross-attention `attn2`
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

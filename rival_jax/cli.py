@@ -8,9 +8,12 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+import numpy as np
 
 from rival_jax.config import LATENT_INITS, RivalConfig
 from rival_jax.errors import RivalError
@@ -68,8 +71,13 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--editing-start", type=int, default=suppress, help="no injection while t > this (edit default: 900)")
     add("--latent-init", choices=LATENT_INITS, default=suppress, help="start latent (default: shuffle)")
     for switch in ("attention_injection", "early_replacement", "latent_alignment", "noise_alignment"):
-        add(f"--no-{switch.replace('_', '-')}", dest=switch, action="store_false", default=suppress,
-            help=f"ablation: turn {switch.replace('_', ' ')} off")
+        add(
+            f"--no-{switch.replace('_', '-')}",
+            dest=switch,
+            action="store_false",
+            default=suppress,
+            help=f"ablation: turn {switch.replace('_', ' ')} off",
+        )
     add("--mask", default=suppress, help="inpainting mask, same size as the exemplar, white = regenerate")
     add("--model", default=suppress, help="diffusers SD 1.x folder, hub id, or 'tiny' (default, random weights)")
     add("--dtype", choices=("float32", "bfloat16"), default=suppress, help="compute dtype (default: float32)")
@@ -77,10 +85,20 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")
     add("--cache-dir", default=suppress, help="cache folder for converted weights and the tiny model")
     add("--compile-cache", default=suppress, help="folder of the persistent XLA compilation cache")
-    add("--no-compile-cache", dest="compile_cache", action="store_false", default=suppress,
-        help="do not keep compiled programs on disk")
-    add("--progress", dest="progress", action="store_true", default=suppress,
-        help="per-step progress bars (default when stderr is a terminal; such programs skip the disk cache)")
+    add(
+        "--no-compile-cache",
+        dest="compile_cache",
+        action="store_false",
+        default=suppress,
+        help="do not keep compiled programs on disk",
+    )
+    add(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=suppress,
+        help="per-step progress bars (default when stderr is a terminal; such programs skip the disk cache)",
+    )
     add("--no-progress", dest="progress", action="store_false", default=suppress, help="no per-step progress bars")
 
 
@@ -112,13 +130,17 @@ def read_config_file(path: str) -> dict[str, Any]:
         else:
             values = json.loads(text)
     except Exception as error:
-        raise RivalError(f"config file {file} is not valid {file.suffix[1:].upper()} ({error}): fix its syntax") from None
+        raise RivalError(
+            f"config file {file} is not valid {file.suffix[1:].upper()} ({error}): fix its syntax"
+        ) from None
     if not isinstance(values, dict):
         raise RivalError(f"config file {file} must hold a mapping of setting names to values")
     known = set(JOB_DEFAULTS) | set(CONFIG_FIELDS)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise RivalError(f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise RivalError(
+            f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     return values
 
 
@@ -156,6 +178,7 @@ def run_generate(settings: dict[str, Any]) -> Path:
         enable_compilation_cache(None if settings["compile_cache"] is True else settings["compile_cache"])
     config = RivalConfig.from_dict({k: settings[k] for k in CONFIG_FIELDS})
     exemplar = images.as_rgb(images.open_image(settings["exemplar"]), f"exemplar {settings['exemplar']}")
+    mask_image = images.open_mask(settings["mask"], exemplar.size) if settings["mask"] else None
     output = Path(settings["output"])
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     started = time.perf_counter()
@@ -166,9 +189,7 @@ def run_generate(settings: dict[str, Any]) -> Path:
         if pipe.is_random_tiny:
             log("model: built-in tiny model with RANDOM weights - its images are noise (use --model for a real SD 1.x)")
         log(f"model: {pipe.models.path} ({', '.join(f'{k}: {v}' for k, v in pipe.models.sources.items())})")
-        mask = None
-        if settings["mask"]:
-            mask = images.mask_file(settings["mask"], exemplar.size, pipe.resolution)
+        mask = None if mask_image is None else np.asarray(images.square_resize(mask_image, pipe.resolution))
         show = sys.stderr.isatty() if settings["progress"] is None else bool(settings["progress"])
         timings = {}
         clock = time.perf_counter()
@@ -189,7 +210,7 @@ def run_generate(settings: dict[str, Any]) -> Path:
     timings["compile_s"] = compiling.seconds
     timings["total_s"] = time.perf_counter() - started
     files = []
-    for index, image in zip(result.indices, result.images):
+    for index, image in zip(result.indices, result.images, strict=True):
         name = f"variation-{int(index):03d}.png"
         images.save_png(image, output / name)
         files.append({"file": name, "variation_index": int(index), "seed": settings["seed"]})

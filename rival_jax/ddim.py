@@ -7,10 +7,10 @@ config with the settings of ALGORITHM.md section 0 forced (DDIM, eta = 0, `set_a
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from diffusers import FlaxDDIMScheduler
 from flax import struct
-import jax.numpy as jnp
 
 from rival_jax.errors import RivalError
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -54,20 +55,24 @@ def exemplar_array(image: Any, resolution: int) -> np.ndarray:
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise RivalError(
-            f"exemplar array has shape {array.shape} and dtype {array.dtype}: pass uint8 (H, W, 3) RGB, a PIL image or a path"
+            f"exemplar array has shape {array.shape} and dtype {array.dtype}: "
+            "pass uint8 (H, W, 3) RGB, a PIL image or a path"
         )
     return np.asarray(square_resize(Image.fromarray(array), resolution))
 
 
-def mask_file(path: str | os.PathLike, exemplar_size: tuple[int, int], resolution: int) -> np.ndarray:
-    """Read a mask drawn on the exemplar (white = regenerate) and crop/resize it like the exemplar."""
+def open_mask(path: str | os.PathLike, exemplar_size: tuple[int, int]) -> Image.Image:
+    """Read a mask drawn on the exemplar (white = regenerate) as grayscale; it must match the exemplar's size.
+
+    Crop and resize it with `square_resize`, like the exemplar.
+    """
     image = open_image(path, "mask")
     if image.size != exemplar_size:
         raise RivalError(
             f"mask {path} is {image.size[0]}x{image.size[1]} but the exemplar is "
             f"{exemplar_size[0]}x{exemplar_size[1]}: draw the mask at the exemplar's size"
         )
-    return np.asarray(square_resize(image.convert("L"), resolution))
+    return image.convert("L")
 
 
 def mask_region(mask: Any, resolution: int, latent_size: int) -> np.ndarray:

@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,9 @@ def _silence_flax_deprecation() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    handlers = diffusers_logging.get_logger("diffusers").handlers + transformers_logging.get_logger("transformers").handlers
+    handlers = (
+        diffusers_logging.get_logger("diffusers").handlers + transformers_logging.get_logger("transformers").handlers
+    )
     for handler in handlers:
         if not any(isinstance(f, _DropFlaxDeprecation) for f in handler.filters):
             handler.addFilter(_DropFlaxDeprecation())
@@ -234,7 +237,11 @@ def load_component(folder: Path, name: str, dtype: jnp.dtype, cache_dir: Path | 
         raise RivalError(f"no weights in {sub}: expected {flax_file} (Flax) or {st_file} (PyTorch safetensors)")
     if cache_dir is None:
         state = _read_safetensors(sub / st_file)
-        return module, _check_against_layout(convert_pytorch_state_dict(state, shapes, rename), shapes, sub), "safetensors"
+        return (
+            module,
+            _check_against_layout(convert_pytorch_state_dict(state, shapes, rename), shapes, sub),
+            "safetensors",
+        )
     import orbax.checkpoint as ocp
 
     entry = (cache_dir / "params" / f"{name}-{_file_digest(sub / st_file, sub / 'config.json')}").absolute()
@@ -256,7 +263,7 @@ def _cast(params: dict, dtype: jnp.dtype) -> dict:
 
 
 def load_models(
-    name_or_path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, cache_dir: Path | None | bool = True
+    name_or_path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, cache_dir: Path | bool | None = True
 ) -> LoadedModels:
     """Load all components. `cache_dir=True` uses `default_cache_dir()`, `False`/`None` disables the cache."""
     from transformers import CLIPTokenizer

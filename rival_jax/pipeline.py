@@ -230,9 +230,7 @@ class RivalPipeline:
         if not isinstance(num_variations, int) or num_variations < 1:
             raise RivalError(f"num_variations={num_variations!r} is out of range: use an integer >= 1")
         size = self.latent_size
-        region = (
-            np.ones((size, size), bool) if mask is None else images.mask_region(mask, self.resolution, size)
-        )
+        region = np.ones((size, size), bool) if mask is None else images.mask_region(mask, self.resolution, size)
         indices = np.arange(num_variations)
         if latents is None:
             start = self.start_latents(chain, indices, seed, config, region)

@@ -71,9 +71,9 @@ SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
 }
 TOKENIZER_WORDS = (
-    "a photo of the cat dog painting in style portrait landscape watercolor oil mountain sky sunset "
-    "red blue green house tree river flower"
-).split()
+    *("a", "photo", "of", "the", "cat", "dog", "painting", "in", "style", "portrait", "landscape", "watercolor"),
+    *("oil", "mountain", "sky", "sunset", "red", "blue", "green", "house", "tree", "river", "flower"),
+)
 # Output layers rescaled so latents and noise predictions are O(1), like a trained model's.
 VAE_QUANT_SCALE = 10.0
 UNET_OUT_SCALE = 1.6
@@ -89,7 +89,7 @@ def random_params(shapes: dict, key: jax.Array) -> dict:
     sizes = [int(np.prod(spec.shape)) for _, spec in flat]
     noise = np.asarray(jax.random.normal(key, (sum(sizes),), dtype=np.float32))
     params, offset = {}, 0
-    for (path, spec), size in zip(flat, sizes):
+    for (path, spec), size in zip(flat, sizes, strict=True):
         draw, offset = noise[offset : offset + size].reshape(spec.shape), offset + size
         if path[-1] == "scale":
             params[path] = np.ones(spec.shape, np.float32)
@@ -109,7 +109,7 @@ def _bpe_files() -> tuple[dict[str, int], list[str]]:
     tokens = base + [b + "</w>" for b in base]
     merges: list[str] = []
     for word in TOKENIZER_WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = [*word[:-1], word[-1] + "</w>"]
         while len(symbols) > 1:
             merge = f"{symbols[0]} {symbols[1]}"
             if merge not in merges:

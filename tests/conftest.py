@@ -52,7 +52,9 @@ def exemplar():
 
     rng = np.random.default_rng(0)
     base = np.linspace(0, 255, 160, dtype=np.float32)
-    image = np.stack([np.add.outer(base[:120] * 0.5, base * 0.5), np.tile(base, (120, 1)), rng.uniform(0, 255, (120, 160))], -1)
+    image = np.stack(
+        [np.add.outer(base[:120] * 0.5, base * 0.5), np.tile(base, (120, 1)), rng.uniform(0, 255, (120, 160))], -1
+    )
     return image.clip(0, 255).astype(np.uint8)
 
 

@@ -141,7 +141,11 @@ def test_adaptive_gaussian_matches_channel_statistics():
         jax.random.normal(jax.random.PRNGKey(0), (4, 64, 64))
     )
     out = start_latents(
-        jax.random.PRNGKey(1), jnp.arange(1), x_t, jnp.ones((64, 64), bool), RivalConfig(latent_init="adaptive_gaussian")
+        jax.random.PRNGKey(1),
+        jnp.arange(1),
+        x_t,
+        jnp.ones((64, 64), bool),
+        RivalConfig(latent_init="adaptive_gaussian"),
     )[0]
     np.testing.assert_allclose(out.mean(axis=(1, 2)), x_t.mean(axis=(1, 2)), atol=0.05)
     np.testing.assert_allclose(out.std(axis=(1, 2)), x_t.std(axis=(1, 2)), rtol=0.05)
@@ -187,7 +191,16 @@ def test_inversion_then_plain_ddim_reconstructs_x0():
     reference = ReferenceFeatures(hidden={}, eps=jnp.zeros((10, 4, 8, 8)))
     settings = RivalConfig(guidance_scale=1.0, attention_injection=False, noise_alignment=False).as_arrays()
     final = aligned_generate(
-        unet, params, schedule, reference, chain, chain[-1:], jnp.zeros((2, 3, 2)), jnp.ones((8, 8), bool), settings, timesteps
+        unet,
+        params,
+        schedule,
+        reference,
+        chain,
+        chain[-1:],
+        jnp.zeros((2, 3, 2)),
+        jnp.ones((8, 8), bool),
+        settings,
+        timesteps,
     )
     chex.assert_trees_all_close(final[0], x0, atol=1e-4)
 

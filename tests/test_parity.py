@@ -27,7 +27,9 @@ def reference():
 def parity_run(reference, cache_dir):
     arrays, meta = reference
     pipe = RivalPipeline.from_pretrained(PARITY / "tiny-sd", cache_dir=cache_dir)
-    chain = pipe.invert(arrays["exemplar"], prompt=meta["inversion_prompt"], num_inference_steps=meta["num_inference_steps"])
+    chain = pipe.invert(
+        arrays["exemplar"], prompt=meta["inversion_prompt"], num_inference_steps=meta["num_inference_steps"]
+    )
     config = RivalConfig(guidance_scale=meta["guidance_scale"], t_align=meta["t_align"], t_early=meta["t_early"])
     out = pipe.generate(
         chain,
@@ -42,7 +44,7 @@ def parity_run(reference, cache_dir):
 
 
 def test_loads_the_pytorch_safetensors_checkpoint(parity_run):
-    pipe, chain, _ = parity_run
+    pipe, _, _ = parity_run
     assert all(source != "flax msgpack" for source in pipe.models.sources.values())
     assert pipe.resolution == 512 and not pipe.is_random_tiny
 

@@ -1,0 +1,110 @@
+"""The Python API on the tiny model: reproducibility, every application, switches and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rival_jax import RivalConfig, RivalError
+
+STEPS = 6
+
+
+def test_same_seed_same_images_and_reference_reused(tiny_pipe, tiny_chain):
+    first = tiny_pipe.generate(tiny_chain, num_variations=2, seed=11, output_type="np")
+    reference = tiny_chain.reference
+    second = tiny_pipe.generate(tiny_chain, num_variations=2, seed=11, output_type="np")
+    assert tiny_chain.reference is reference
+    np.testing.assert_array_equal(first.images, second.images)
+    other = tiny_pipe.generate(tiny_chain, num_variations=2, seed=12, output_type="np")
+    assert not np.allclose(first.images, other.images)
+    assert first.images.shape == (2, tiny_pipe.resolution, tiny_pipe.resolution, 3)
+    assert first.images.min() >= 0.0 and first.images.max() <= 1.0
+
+
+def test_chain_layout(tiny_pipe, tiny_chain):
+    size = tiny_pipe.latent_size
+    assert tiny_chain.latents.shape == (STEPS + 1, 4, size, size)
+    assert list(tiny_chain.timesteps) == sorted(tiny_chain.timesteps, reverse=True)
+    reference = tiny_pipe.reference_pass(tiny_chain)
+    assert reference.eps.shape == (STEPS, 4, size, size)
+    assert all(h.shape[:2] == (STEPS, 2) for h in reference.hidden.values())
+
+
+def test_null_inversion_has_one_reference_context(tiny_pipe, exemplar):
+    chain = tiny_pipe.invert(exemplar, prompt="", num_inference_steps=STEPS)
+    reference = tiny_pipe.reference_pass(chain)
+    assert all(h.shape[1] == 1 for h in reference.hidden.values())
+
+
+def test_output_types(tiny_pipe, tiny_chain):
+    pil = tiny_pipe.generate(tiny_chain, num_variations=2, output_type="pil")
+    assert all(isinstance(i, Image.Image) and i.size == (128, 128) for i in pil.images)
+    latent = tiny_pipe.generate(tiny_chain, num_variations=2, output_type="latent")
+    np.testing.assert_array_equal(latent.images, pil.latents)
+
+
+def test_negative_and_new_prompt_change_only_the_generated_side(tiny_pipe, tiny_chain):
+    base = tiny_pipe.generate(tiny_chain, num_variations=2, output_type="latent").latents
+    negative = tiny_pipe.generate(
+        tiny_chain, num_variations=2, negative_prompt="blue sky", output_type="latent"
+    ).latents
+    text = tiny_pipe.generate(tiny_chain, num_variations=2, prompt="a painting of a dog", output_type="latent").latents
+    assert not np.allclose(base, negative) and not np.allclose(base, text)
+
+
+def test_editing_starts_from_x_t(tiny_pipe, tiny_chain):
+    config = RivalConfig(latent_init="exemplar", editing_start=900)
+    out = tiny_pipe.generate(tiny_chain, num_variations=2, config=config, output_type="latent")
+    np.testing.assert_array_equal(out.start_latents, np.stack([tiny_chain.latents[-1]] * 2))
+
+
+def test_inpainting_keeps_the_exemplar_outside_the_mask(tiny_pipe, tiny_chain):
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 16:80] = 255
+    out = tiny_pipe.generate(tiny_chain, num_variations=2, mask=mask, output_type="latent")
+    region = np.zeros((16, 16), bool)
+    region[4:12, 2:10] = True
+    x_0, x_t = np.asarray(tiny_chain.latents[0]), np.asarray(tiny_chain.latents[-1])
+    np.testing.assert_array_equal(out.latents[:, :, ~region], np.broadcast_to(x_0[:, ~region], (2, 4, 16 * 16 - 64)))
+    np.testing.assert_array_equal(out.start_latents[:, :, ~region], np.broadcast_to(x_t[:, ~region], (2, 4, 192)))
+    assert not np.allclose(out.latents[:, :, region], x_0[None][:, :, region])
+
+
+def test_ablation_switches_remove_the_exemplar_influence(tiny_pipe, tiny_chain, exemplar):
+    other = tiny_pipe.invert(exemplar[::-1, ::-1].copy(), prompt="a photo of a cat", num_inference_steps=STEPS)
+    start = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+
+    def final(chain, config):
+        return tiny_pipe.generate(chain, num_variations=2, latents=start, config=config, output_type="latent").latents
+
+    off = RivalConfig(attention_injection=False, noise_alignment=False)
+    np.testing.assert_allclose(final(tiny_chain, off), final(other, off), atol=1e-5)
+    for on in (RivalConfig(noise_alignment=False), RivalConfig(attention_injection=False), RivalConfig()):
+        assert not np.allclose(final(tiny_chain, on), final(other, on), atol=1e-3)
+    assert not np.allclose(final(tiny_chain, RivalConfig()), final(tiny_chain, RivalConfig(early_replacement=False)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"latents": np.zeros((3, 4, 16, 16))}, "latents have shape"),
+        ({"mask": np.ones((100, 100))}, "mask has shape"),
+        ({"mask": np.zeros((128, 128))}, "marks no region"),
+        ({"num_variations": 0}, "num_variations"),
+        ({"output_type": "tensor"}, "output_type"),
+    ],
+)
+def test_generate_rejects_bad_input(tiny_pipe, tiny_chain, kwargs, message):
+    with pytest.raises(RivalError, match=message):
+        tiny_pipe.generate(tiny_chain, **kwargs)
+
+
+def test_invert_rejects_bad_input(tiny_pipe, exemplar):
+    with pytest.raises(RivalError, match="num_inference_steps"):
+        tiny_pipe.invert(exemplar, num_inference_steps=0)
+    with pytest.raises(RivalError, match="RGB"):
+        tiny_pipe.invert(Image.fromarray(exemplar).convert("L"))
+    with pytest.raises(RivalError, match="uint8"):
+        tiny_pipe.invert(np.zeros((8, 8), np.float32))

@@ -1,11 +1,9 @@
-"""`rival-jax` command line: every RIVAL application on one exemplar, and the tiny-model writer."""
+"""`rival-jax`: every RIVAL application on one exemplar, augmentation jobs, and the tiny-model writer."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -15,34 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from rival_jax.config import LATENT_INITS, RivalConfig
+from rival_jax.config import LATENT_INITS
 from rival_jax.errors import RivalError
+from rival_jax.settings import ROW_FIELDS, TASKS, merge_settings, read_settings_file
 
-TASKS = ("variation", "text", "edit", "inpaint")
-JOB_DEFAULTS: dict[str, Any] = {
-    "exemplar": None,
-    "task": "variation",
-    "prompt": "",
-    "inversion_prompt": None,
-    "negative_prompt": "",
-    "num_variations": 4,
-    "seed": 0,
-    "steps": 50,
+# Options that are not per-exemplar settings, with their defaults.
+RUN_DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "dtype": "float32",
     "output": "rival-output",
-    "mask": None,
     "cache_dir": None,
     "compile_cache": True,
     "progress": None,
-}
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RivalConfig))
-# The authors' release: variation inverts with the exemplar prompt, every other task with the empty one.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "variation": {},
-    "text": {"inversion_prompt": ""},
-    "edit": {"inversion_prompt": "", "latent_init": "exemplar", "editing_start": 900},
-    "inpaint": {"inversion_prompt": ""},
 }
 
 
@@ -50,10 +32,13 @@ def bundled_exemplar() -> Path:
     return Path(str(resources.files("rival_jax") / "assets" / "exemplar.png"))
 
 
-def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    suppress = argparse.SUPPRESS
-    add("exemplar", nargs="?", default=suppress, help="exemplar image (default: the bundled example)")
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of both `generate` and `augment`; absent options stay absent so layering works."""
+    add, suppress = parser.add_argument, argparse.SUPPRESS
     add("--task", choices=TASKS, default=suppress, help="application (default: variation)")
     add("--prompt", default=suppress, help="prompt of the generated images")
     add(
@@ -62,7 +47,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompt for inverting the exemplar (default: --prompt for variation, empty otherwise)",
     )
     add("--negative-prompt", default=suppress, help="negative prompt of the generated images (default: empty)")
-    add("-n", "--num-variations", type=int, default=suppress, help="images to generate (default: 4)")
+    add("-n", "--num-variations", type=int, default=suppress, help="images per exemplar (default: 4)")
     add("--seed", type=int, default=suppress, help="random seed (default: 0)")
     add("--steps", type=int, default=suppress, help="DDIM steps for inversion and generation (default: 50)")
     add("--guidance", dest="guidance_scale", type=float, default=suppress, help="guidance scale (default: 7)")
@@ -71,14 +56,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--editing-start", type=int, default=suppress, help="no injection while t > this (edit default: 900)")
     add("--latent-init", choices=LATENT_INITS, default=suppress, help="start latent (default: shuffle)")
     for switch in ("attention_injection", "early_replacement", "latent_alignment", "noise_alignment"):
-        add(
-            f"--no-{switch.replace('_', '-')}",
-            dest=switch,
-            action="store_false",
-            default=suppress,
-            help=f"ablation: turn {switch.replace('_', ' ')} off",
-        )
-    add("--mask", default=suppress, help="inpainting mask, same size as the exemplar, white = regenerate")
+        flag = f"--no-{switch.replace('_', '-')}"
+        add(flag, dest=switch, action="store_false", default=suppress, help=f"ablation: {switch.replace('_', ' ')} off")
     add("--model", default=suppress, help="diffusers SD 1.x folder, hub id, or 'tiny' (default, random weights)")
     add("--dtype", choices=("float32", "bfloat16"), default=suppress, help="compute dtype (default: float32)")
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
@@ -97,9 +76,9 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         dest="progress",
         action="store_true",
         default=suppress,
-        help="per-step progress bars (default when stderr is a terminal; such programs skip the disk cache)",
+        help="progress bars (default when stderr is a terminal)",
     )
-    add("--no-progress", dest="progress", action="store_false", default=suppress, help="no per-step progress bars")
+    add("--no-progress", dest="progress", action="store_false", default=suppress, help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="invert one exemplar and generate aligned images")
-    _add_generate_arguments(generate)
+    generate.add_argument("exemplar", nargs="?", default=argparse.SUPPRESS, help="exemplar image (default: bundled)")
+    generate.add_argument("--mask", default=argparse.SUPPRESS, help="inpainting mask, exemplar's size, white = redo")
+    _add_shared_arguments(generate)
+    augment = commands.add_parser("augment", help="resumable variation job over a manifest or a folder of images")
+    augment.add_argument("source", help="manifest (.csv or .jsonl with an 'image' column) or a folder of images")
+    augment.add_argument("--batch-size", type=int, default=8, help="variations per compiled batch (default: 8)")
+    augment.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-host runs)")
+    augment.add_argument("--num-processes", type=int, help="number of processes (multi-host runs)")
+    augment.add_argument("--process-id", type=int, help="this process's index (multi-host runs)")
+    augment.add_argument("--distributed", action="store_true", help="jax.distributed with auto-detected cluster")
+    _add_shared_arguments(augment)
     tiny = commands.add_parser("make-tiny", help="write the built-in tiny random checkpoint to a folder")
     tiny.add_argument("folder")
     tiny.add_argument("--format", choices=("flax", "safetensors"), default="flax")
@@ -116,85 +105,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """Settings from a JSON or YAML mapping."""
-    file = Path(path)
-    if not file.is_file():
-        raise RivalError(f"config file {file} does not exist: check the path")
-    text = file.read_text()
-    try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as error:
-        raise RivalError(
-            f"config file {file} is not valid {file.suffix[1:].upper()} ({error}): fix its syntax"
-        ) from None
-    if not isinstance(values, dict):
-        raise RivalError(f"config file {file} must hold a mapping of setting names to values")
-    known = set(JOB_DEFAULTS) | set(CONFIG_FIELDS)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise RivalError(
-            f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    return values
+def split_options(arguments: dict[str, Any], extra: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run options, row settings): config file < command line for both; defaults filled for run options."""
+    allowed = (*RUN_DEFAULTS, *ROW_FIELDS, *extra)
+    from_file = read_settings_file(arguments.pop("config"), allowed) if arguments.get("config") else {}
+    arguments.pop("config", None)
+    layered = {**from_file, **arguments}
+    run = {**RUN_DEFAULTS, **{k: v for k, v in layered.items() if k in RUN_DEFAULTS or k in extra}}
+    row = {k: v for k, v in layered.items() if k in ROW_FIELDS}
+    return run, row
 
 
-def resolve_settings(cli: dict[str, Any]) -> dict[str, Any]:
-    """Defaults < task defaults < config file < command-line options."""
-    from_file = read_config_file(cli.pop("config")) if cli.get("config") else {}
-    cli.pop("config", None)
-    task = cli.get("task", from_file.get("task", JOB_DEFAULTS["task"]))
-    settings = {**JOB_DEFAULTS, **RivalConfig().as_dict(), **TASK_DEFAULTS[task], **from_file, **cli}
-    if settings["inversion_prompt"] is None:
-        settings["inversion_prompt"] = settings["prompt"]
-    if settings["exemplar"] is None:
-        settings["exemplar"] = str(bundled_exemplar())
-    if task == "inpaint" and not settings["mask"]:
-        raise RivalError("--task inpaint needs --mask: an image the exemplar's size, white where to regenerate")
-    if not isinstance(settings["num_variations"], int) or settings["num_variations"] < 1:
-        raise RivalError(f"num_variations={settings['num_variations']!r} is out of range: use an integer >= 1")
-    if not isinstance(settings["steps"], int) or not 1 <= settings["steps"] <= 1000:
-        raise RivalError(f"steps={settings['steps']!r} is out of range: use an integer in 1..1000")
-    return settings
-
-
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def run_generate(settings: dict[str, Any]) -> Path:
-    """Invert, generate, and write images, grid and sidecar atomically into the output folder."""
-    from rival_jax import images
-    from rival_jax.pipeline import RivalPipeline, exemplar_image
-    from rival_jax.progress import CompileTimer
+def _prepare_runtime(run: dict[str, Any]) -> None:
     from rival_jax.runtime import enable_compilation_cache
 
-    if settings["compile_cache"]:
-        enable_compilation_cache(None if settings["compile_cache"] is True else settings["compile_cache"])
-    config = RivalConfig.from_dict({k: settings[k] for k in CONFIG_FIELDS})
-    exemplar = images.as_rgb(images.open_image(settings["exemplar"]), f"exemplar {settings['exemplar']}")
+    if run["compile_cache"]:
+        enable_compilation_cache(None if run["compile_cache"] is True else run["compile_cache"])
+
+
+def _load_pipeline(run: dict[str, Any]):
+    from rival_jax.pipeline import RivalPipeline
+
+    pipe = RivalPipeline.from_pretrained(run["model"], dtype=run["dtype"], cache_dir=run["cache_dir"] or True)
+    if pipe.is_random_tiny:
+        _log("model: built-in tiny model with RANDOM weights - its images are noise (use --model for a real SD 1.x)")
+    sources = ", ".join(f"{k}: {v}" for k, v in pipe.models.sources.items())
+    _log(f"model: {pipe.models.path} ({sources}); devices: {pipe.mesh.size} x {pipe.mesh.devices.flat[0].platform}")
+    return pipe
+
+
+def _show_progress(run: dict[str, Any]) -> bool:
+    return sys.stderr.isatty() if run["progress"] is None else bool(run["progress"])
+
+
+def run_generate(run: dict[str, Any], row: dict[str, Any]) -> Path:
+    """Invert, generate, and write images, grid and sidecar atomically into the output folder."""
+    from rival_jax import images
+    from rival_jax.pipeline import exemplar_image
+    from rival_jax.progress import CompileTimer
+
+    settings = merge_settings(row)
+    exemplar_path = run.get("exemplar") or str(bundled_exemplar())
+    exemplar = images.as_rgb(images.open_image(exemplar_path), f"exemplar {exemplar_path}")
     mask_image = images.open_mask(settings["mask"], exemplar.size) if settings["mask"] else None
-    output = Path(settings["output"])
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    output = Path(run["output"])
+    _prepare_runtime(run)
+    show = _show_progress(run)
     started = time.perf_counter()
     with CompileTimer() as compiling:
-        pipe = RivalPipeline.from_pretrained(
-            settings["model"], dtype=settings["dtype"], cache_dir=settings["cache_dir"] or True
-        )
-        if pipe.is_random_tiny:
-            log("model: built-in tiny model with RANDOM weights - its images are noise (use --model for a real SD 1.x)")
-        log(f"model: {pipe.models.path} ({', '.join(f'{k}: {v}' for k, v in pipe.models.sources.items())})")
+        pipe = _load_pipeline(run)
         mask = None if mask_image is None else np.asarray(images.square_resize(mask_image, pipe.resolution))
-        show = sys.stderr.isatty() if settings["progress"] is None else bool(settings["progress"])
-        timings = {}
         clock = time.perf_counter()
         chain = pipe.invert(exemplar, settings["inversion_prompt"], settings["steps"], show_progress=show)
-        timings["inversion_s"] = time.perf_counter() - clock
+        inversion_seconds = time.perf_counter() - clock
         clock = time.perf_counter()
         result = pipe.generate(
             chain,
@@ -202,13 +165,17 @@ def run_generate(settings: dict[str, Any]) -> Path:
             negative_prompt=settings["negative_prompt"],
             num_variations=settings["num_variations"],
             seed=settings["seed"],
-            config=config,
+            config=settings["config"],
             mask=mask,
             show_progress=show,
         )
-        timings["generation_s"] = time.perf_counter() - clock
-    timings["compile_s"] = compiling.seconds
-    timings["total_s"] = time.perf_counter() - started
+        generation_seconds = time.perf_counter() - clock
+    timings = {
+        "compile_s": compiling.seconds,
+        "inversion_s": inversion_seconds,
+        "generation_s": generation_seconds,
+        "total_s": time.perf_counter() - started,
+    }
     files = []
     for index, image in zip(result.indices, result.images, strict=True):
         name = f"variation-{int(index):03d}.png"
@@ -219,31 +186,65 @@ def run_generate(settings: dict[str, Any]) -> Path:
     images.save_png(images.grid([exemplar_png, *result.images]), output / "grid.png")
     sidecar = {
         "rival_jax_version": metadata.version("rival-jax"),
-        "model": str(settings["model"]),
+        "model": str(run["model"]),
         "model_path": str(pipe.models.path),
         "random_weights": pipe.is_random_tiny,
-        "dtype": settings["dtype"],
-        "exemplar": str(settings["exemplar"]),
-        "exemplar_sha256": _file_sha256(settings["exemplar"]),
-        "mask": settings["mask"],
+        "dtype": run["dtype"],
+        "exemplar": str(exemplar_path),
+        "exemplar_sha256": hashlib.sha256(Path(exemplar_path).read_bytes()).hexdigest(),
         "task": settings["task"],
         "prompt": settings["prompt"],
         "inversion_prompt": settings["inversion_prompt"],
         "negative_prompt": settings["negative_prompt"],
+        "mask": settings["mask"],
         "num_inference_steps": settings["steps"],
         "seed": settings["seed"],
-        "config": config.as_dict(),
+        "config": settings["config"].as_dict(),
         "images": files,
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "device": str(__import__("jax").devices()[0].device_kind),
+        "devices": f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].device_kind}",
     }
     images.save_json(sidecar, output / "rival.json")
-    log(
-        f"compile {timings['compile_s']:.1f} s, inversion {timings['inversion_s']:.1f} s, "
-        f"generation {timings['generation_s']:.1f} s (both include compiling on first use)"
+    _log(
+        f"compile {timings['compile_s']:.1f} s; inversion {inversion_seconds:.1f} s, "
+        f"generation {generation_seconds:.1f} s (both include compiling on first use)"
     )
     print(output / "grid.png")
     return output
+
+
+def run_augment_command(run: dict[str, Any], row: dict[str, Any]) -> int:
+    """`rival-jax augment`: this process's share of a manifest, resumable."""
+    from rival_jax.augment import read_rows, run_augment
+    from rival_jax.parallel import initialize_distributed
+    from rival_jax.progress import CompileTimer
+
+    merge_settings(row)
+    if run["batch_size"] < 1:
+        raise RivalError(f"--batch-size {run['batch_size']} is out of range: use an integer >= 1")
+    process_index, process_count = 0, 1
+    if run["coordinator"] or run["distributed"]:
+        process_index, process_count = initialize_distributed(
+            run["coordinator"], run["num_processes"], run["process_id"]
+        )
+        _log(f"process {process_index} of {process_count}")
+    rows, problems = read_rows(run["source"], row, str(run["model"]))
+    _prepare_runtime(run)
+    with CompileTimer() as compiling:
+        pipe = _load_pipeline(run)
+        summary = run_augment(
+            pipe,
+            rows,
+            run["output"],
+            batch_size=run["batch_size"],
+            process_index=process_index,
+            process_count=process_count,
+            problems=problems,
+            show_progress=_show_progress(run),
+        )
+    _log(f"{summary.line()}; compile {compiling.seconds:.1f} s")
+    print(Path(run["output"]))
+    return 0
 
 
 def _quiet_libraries() -> None:
@@ -257,15 +258,18 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = vars(build_parser().parse_args(argv))
-    _quiet_libraries()
     command = arguments.pop("command")
+    _quiet_libraries()
     try:
         if command == "make-tiny":
             from rival_jax.tiny import write_tiny_checkpoint
 
             print(write_tiny_checkpoint(arguments["folder"], seed=arguments["seed"], weight_format=arguments["format"]))
             return 0
-        run_generate(resolve_settings(arguments))
+        if command == "augment":
+            extra = ("source", "batch_size", "coordinator", "num_processes", "process_id", "distributed")
+            return run_augment_command(*split_options(arguments, extra))
+        run_generate(*split_options(arguments, ("exemplar",)))
         return 0
     except RivalError as error:
         print(f"rival-jax: error: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from rival_jax.errors import RivalError
 
@@ -128,8 +129,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: 
     return path
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    return write_atomic(path, lambda stream: image.save(stream, format="PNG"))
+PNG_TEXT_KEY = "rival-jax"
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Save atomically; `metadata` is stored as JSON in a PNG text chunk (read back by `png_metadata`)."""
+    info = PngInfo()
+    if metadata is not None:
+        info.add_text(PNG_TEXT_KEY, json.dumps(metadata, sort_keys=True))
+    return write_atomic(path, lambda stream: image.save(stream, format="PNG", pnginfo=info))
+
+
+def png_metadata(path: str | os.PathLike) -> dict | None:
+    """The metadata `save_png` stored, or None for a missing, unreadable or foreign file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return json.loads(image.text[PNG_TEXT_KEY])
+    except (OSError, KeyError, AttributeError, ValueError):
+        return None
 
 
 def save_json(data: Any, path: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rival_jax import images, progress
+from rival_jax import images, parallel, progress
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.inversion import invert
@@ -84,26 +85,35 @@ class RivalPipeline:
         self.vae_scale = float(vae.config.scaling_factor)
         self.latent_size = int(unet.config.sample_size)
         self.resolution = self.latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        self._invert = jax.jit(functools.partial(invert, unet), static_argnames="report_progress")
-        self._reference_pass = jax.jit(functools.partial(reference_pass, unet), static_argnames="report_progress")
+        self.mesh = parallel.local_mesh()
         self._start_latents = jax.jit(start_latents, static_argnames="config")
-        self._generate = jax.jit(functools.partial(aligned_generate, unet), static_argnames="report_progress")
         self._encode = jax.jit(self._encode_fn)
         self._decode = jax.jit(self._decode_fn)
         self._text = jax.jit(lambda ids, params: models.text_encoder(ids, params=params)[0])
         self._executables: dict[tuple, Any] = {}
 
-    def _run(self, program: Any, description: str, steps: int, show_progress: bool, *args: Any) -> Any:
-        """Compile `program` for these argument shapes once (kept), then run it, with a step bar if asked.
+    def _program(self, name: str, report_progress: bool) -> Any:
+        """The jit-able program `name` of the UNet, with or without per-step progress callbacks."""
+        unet = self.models.unet
+        if name == "invert":
+            return functools.partial(invert, unet, report_progress=report_progress)
+        if name == "reference_pass":
+            return functools.partial(reference_pass, unet, report_progress=report_progress)
+        generate = functools.partial(aligned_generate, unet, report_progress=report_progress)
+        return parallel.over_variations(generate, self.mesh, num_args=9, batch_arg=4)
+
+    def _run(self, name: str, steps: int, show_progress: bool, *args: Any) -> Any:
+        """Compile program `name` for these argument shapes once (kept), then run it, with a step bar if asked.
 
         Compiling ahead of the run keeps compile time out of the step timings the bar shows.
         """
         leaves, structure = jax.tree_util.tree_flatten(args)
         shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
-        signature = (id(program), show_progress, structure, shapes)
+        signature = (name, show_progress, structure, shapes)
         if signature not in self._executables:
-            self._executables[signature] = program.lower(*args, report_progress=show_progress).compile()
-        with progress.progress_bar(description, steps, show_progress):
+            program = jax.jit(self._program(name, show_progress))
+            self._executables[signature] = program.lower(*args).compile()
+        with progress.progress_bar(name.replace("_", " "), steps, show_progress):
             return jax.block_until_ready(self._executables[signature](*args))
 
     @classmethod
@@ -166,8 +176,7 @@ class RivalPipeline:
         pixels, x0 = self.encode_image(image)
         text = self.encode_prompt([prompt])
         chain = self._run(
-            self._invert,
-            "inversion",
+            "invert",
             num_inference_steps,
             show_progress,
             self.params["unet"],
@@ -183,8 +192,7 @@ class RivalPipeline:
         prompts = [""] if chain.prompt == "" else ["", chain.prompt]
         contexts = self.encode_prompt(prompts)
         return self._run(
-            self._reference_pass,
-            "reference",
+            "reference_pass",
             chain.num_inference_steps,
             show_progress,
             self.params["unet"],
@@ -217,56 +225,64 @@ class RivalPipeline:
         mask: Any = None,
         output_type: OutputType = "pil",
         show_progress: bool = False,
+        variation_indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
     ) -> RivalOutput:
-        """Generate `num_variations` images aligned to the exemplar's chain.
+        """Generate `num_variations` images aligned to the exemplar's chain, spread over the local devices.
 
         prompt: the generated images' prompt (default: the inversion prompt, i.e. image variation).
         latents: optional start latents (N, 4, h, w) that replace the initialisation.
         mask: inpainting region (white/True = regenerate), at the exemplar's processed size or latent size.
+        variation_indices: which variations of `seed` to make (default 0..num_variations-1); variation i
+            is the same image whatever else is generated with it and however many devices there are.
+        batch_size: pad the batch to at least this many (then to a multiple of the device count), so
+            calls with different counts reuse one compiled program; the padding is dropped.
         """
         config = config or RivalConfig()
         if output_type not in ("pil", "np", "latent"):
             raise RivalError(f"output_type {output_type!r} is unknown: use 'pil', 'np' or 'latent'")
-        if not isinstance(num_variations, int) or num_variations < 1:
-            raise RivalError(f"num_variations={num_variations!r} is out of range: use an integer >= 1")
+        if variation_indices is None:
+            if not isinstance(num_variations, int) or num_variations < 1:
+                raise RivalError(f"num_variations={num_variations!r} is out of range: use an integer >= 1")
+            variation_indices = range(num_variations)
+        indices = np.asarray(variation_indices, dtype=np.int32).reshape(-1)
+        if indices.size == 0 or indices.min() < 0:
+            raise RivalError("variation_indices must be a non-empty list of integers >= 0")
         size = self.latent_size
         region = np.ones((size, size), bool) if mask is None else images.mask_region(mask, self.resolution, size)
-        indices = np.arange(num_variations)
         if latents is None:
-            start = self.start_latents(chain, indices, seed, config, region)
+            start = np.asarray(self.start_latents(chain, indices, seed, config, region))
         else:
-            start = jnp.asarray(latents, dtype=jnp.float32)
-            if start.shape != (num_variations, 4, size, size):
+            start = np.asarray(latents, dtype=np.float32)
+            if start.shape != (indices.size, 4, size, size):
                 raise RivalError(
-                    f"latents have shape {tuple(start.shape)}: expected {(num_variations, 4, size, size)} "
-                    "(num_variations, 4, h, w)"
+                    f"latents have shape {start.shape}: expected {(indices.size, 4, size, size)} (N, 4, h, w)"
                 )
+        length = parallel.padded_length(max(indices.size, batch_size or 0), self.mesh)
+        batch = jax.device_put(parallel.pad_to(start, length), parallel.batch_sharding(self.mesh))
         if chain.reference is None:
             chain.reference = self.reference_pass(chain, show_progress)
         texts = self.encode_prompt([negative_prompt, chain.prompt if prompt is None else prompt])
         final = self._run(
-            self._generate,
-            "generation",
-            chain.num_inference_steps,
+            "generate",
+            chain.num_inference_steps * self.mesh.size,
             show_progress,
             self.params["unet"],
             self.models.schedule,
             chain.reference,
             chain.latents,
-            start,
+            batch,
             texts,
             jnp.asarray(region),
             config.as_arrays(),
             jnp.asarray(chain.timesteps),
-        )
+        )[: indices.size]
         if output_type == "latent":
             result: Any = np.asarray(final)
         else:
             decoded = self.decode(final)
             result = decoded if output_type == "np" else images.to_pil(decoded)
-        return RivalOutput(
-            images=result, latents=np.asarray(final), start_latents=np.asarray(start), indices=indices, seed=seed
-        )
+        return RivalOutput(images=result, latents=np.asarray(final), start_latents=start, indices=indices, seed=seed)
 
 
 def exemplar_image(chain: InversionChain) -> Image.Image:

@@ -109,7 +109,7 @@ def _image(tmp_path, name, mode, size=(40, 30)):
         (lambda t, m, e: [_image(t, "gray.png", "L")], "grayscale"),
         (lambda t, m, e: [_image(t, "rgba.png", "RGBA")], "RGBA"),
         (lambda t, m, e: [e, "--task", "inpaint", "--mask", _image(t, "m.png", "L", (10, 10))], "draw the mask"),
-        (lambda t, m, e: [e, "--task", "inpaint"], "needs --mask"),
+        (lambda t, m, e: [e, "--task", "inpaint"], "needs a mask"),
         (lambda t, m, e: [e, "--steps", "0"], "steps=0"),
         (lambda t, m, e: [e, "--t-align", "1000"], "t_align=1000"),
         (lambda t, m, e: [e, "--model", t / "no-such-model"], "does not exist"),

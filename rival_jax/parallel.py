@@ -1,0 +1,72 @@
+"""Device and host parallelism, kept in one place.
+
+- Within a process, variations of one exemplar are data-parallel over a 1-D mesh of the local
+  devices (`jax.shard_map`): each device denoises its slice of the variations against a
+  replicated copy of the exemplar's reference features, with no communication between devices.
+- Across processes (TPU pod hosts, multi-node GPU), `jax.distributed` names each process; each
+  takes its own share of the work (`process_share`) and writes its own files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA = "data"
+T = TypeVar("T")
+
+
+def local_mesh() -> Mesh:
+    """A 1-D mesh ("data") over this process's devices."""
+    return Mesh(np.array(jax.local_devices()), (DATA,))
+
+
+def padded_length(count: int, mesh: Mesh) -> int:
+    """The smallest multiple of the device count that holds `count` items."""
+    return -(-count // mesh.size) * mesh.size
+
+
+def pad_to(items: np.ndarray, length: int) -> np.ndarray:
+    """Pad along axis 0 by repeating the last item (the padding is computed, then dropped)."""
+    return (
+        np.concatenate([items, np.repeat(items[-1:], length - items.shape[0], axis=0)])
+        if length > len(items)
+        else items
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA))
+
+
+def over_variations(fn: Callable[..., Any], mesh: Mesh, num_args: int, batch_arg: int) -> Callable[..., Any]:
+    """Run `fn` per device on its slice of argument `batch_arg` (axis 0); other arguments replicated."""
+    in_specs = tuple(PartitionSpec(DATA) if i == batch_arg else PartitionSpec() for i in range(num_args))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(DATA), check_vma=False)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> tuple[int, int]:
+    """Join a multi-process run via `jax.distributed` and return (process_index, process_count).
+
+    On TPU pods and SLURM/Open MPI clusters all three arguments are detected automatically.
+    """
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=None,
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def process_share(items: Sequence[T], process_index: int | None = None, process_count: int | None = None) -> list[T]:
+    """This process's items: every process_count-th, starting at process_index (stable, disjoint, complete)."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    return list(items[index::count])

@@ -1,0 +1,106 @@
+"""Job settings shared by `rival-jax generate`, `rival-jax augment` and manifests.
+
+A job's settings are layered: defaults < the task's defaults < config file < command line <
+manifest row. The task's defaults follow the authors' release: variation inverts with the prompt,
+every other task with the empty prompt; editing starts from x_T and injects only below t = 900.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from rival_jax.config import RivalConfig
+from rival_jax.errors import RivalError
+
+TASKS = ("variation", "text", "edit", "inpaint")
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RivalConfig))
+# Settings that can differ per exemplar (manifest columns), with their defaults.
+ROW_DEFAULTS: dict[str, Any] = {
+    "task": "variation",
+    "prompt": "",
+    "inversion_prompt": None,
+    "negative_prompt": "",
+    "num_variations": 4,
+    "seed": 0,
+    "steps": 50,
+    "mask": None,
+}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "variation": {},
+    "text": {"inversion_prompt": ""},
+    "edit": {"inversion_prompt": "", "latent_init": "exemplar", "editing_start": 900},
+    "inpaint": {"inversion_prompt": ""},
+}
+ROW_FIELDS = (*ROW_DEFAULTS, *CONFIG_FIELDS)
+
+
+def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Resolve layered row settings (later layers win) and validate them; adds `config` (a RivalConfig)."""
+    given: dict[str, Any] = {}
+    for layer in layers:
+        given.update({k: v for k, v in layer.items() if k in ROW_FIELDS})
+    task = given.get("task", ROW_DEFAULTS["task"])
+    if task not in TASKS:
+        raise RivalError(f"task {task!r} is unknown: use one of {', '.join(TASKS)}")
+    settings = {**ROW_DEFAULTS, **RivalConfig().as_dict(), **TASK_DEFAULTS[task], **given}
+    if settings["inversion_prompt"] is None:
+        settings["inversion_prompt"] = settings["prompt"]
+    if task == "inpaint" and not settings["mask"]:
+        raise RivalError("task inpaint needs a mask: an image the exemplar's size, white where to regenerate")
+    count = settings["num_variations"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise RivalError(f"num_variations={count!r} is out of range: use an integer >= 1")
+    steps = settings["steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+        raise RivalError(f"steps={steps!r} is out of range: use an integer in 1..1000")
+    if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
+        raise RivalError(f"seed={settings['seed']!r} is not an integer")
+    settings["config"] = RivalConfig.from_dict({k: settings[k] for k in CONFIG_FIELDS})
+    return settings
+
+
+def read_settings_file(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON or YAML mapping of settings; names outside `allowed` are an error."""
+    file = Path(path)
+    if not file.is_file():
+        raise RivalError(f"config file {file} does not exist: check the path")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:
+        kind = "YAML" if file.suffix in (".yaml", ".yml") else "JSON"
+        message = str(error).splitlines()[0]
+        raise RivalError(f"config file {file} is not valid {kind} ({message}): fix its syntax") from None
+    if not isinstance(values, dict):
+        raise RivalError(f"config file {file} must hold a mapping of setting names to values")
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise RivalError(f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
+    return values
+
+
+def parse_text_value(name: str, text: str) -> Any:
+    """A manifest cell (CSV text) to the type of the setting `name`."""
+    default = {**ROW_DEFAULTS, **RivalConfig().as_dict()}[name]
+    if isinstance(default, bool):
+        if text.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise RivalError(f"{name}={text!r} is not a boolean: use true or false")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise RivalError(f"{name}={text!r} is not a number") from None
+    return text

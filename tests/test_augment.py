@@ -1,0 +1,161 @@
+"""Augmentation jobs: manifests, bad rows, resuming after a kill, and two hosts via jax.distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rival_jax.augment import read_rows, run_augment
+
+JOB = ["--steps", "2", "--batch-size", "2", "--no-progress", "--no-compile-cache"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("job")
+    rng = np.random.default_rng(1)
+    for name, size in (("a.png", (96, 80)), ("b.jpg", (64, 64))):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "gray.png").write_bytes((folder / "a.png").read_bytes())
+    Image.new("L", (40, 40)).save(folder / "gray.png")
+    rows = [
+        {"image": "a.png", "prompt": "a photo of a cat", "num_variations": 3, "t_align": 500},
+        {"image": "missing.png", "num_variations": 2},
+        {"image": "b.jpg", "num_variations": 4, "seed": 7, "negative_prompt": "blue"},
+        {"image": "a.png", "num_variations": 2, "guidance_scale": "loud"},
+        {"image": "gray.png", "num_variations": 1},
+    ]
+    path = folder / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def _rows(manifest):
+    return read_rows(manifest, {"steps": 2}, "tiny")
+
+
+def test_manifest_rows_and_problems(manifest, tmp_path):
+    rows, problems = _rows(manifest)
+    assert [row.number for row in rows] == [0, 1, 2, 4]
+    assert problems == ["row 3 skipped: guidance_scale='loud' is not a number"]
+    first, _, third, _ = rows
+    assert first.settings["t_align"] == 500 and first.settings["inversion_prompt"] == "a photo of a cat"
+    assert first.settings["seed"] == 0 and third.settings["seed"] == 7 and rows[1].settings["seed"] == 1
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"image,num_variations,noise_alignment\n{manifest.parent / 'a.png'},2,false\n,1,\n")
+    csv_rows, csv_problems = read_rows(csv, {}, "tiny")
+    assert csv_rows[0].settings["noise_alignment"] is False and csv_rows[0].settings["num_variations"] == 2
+    assert csv_problems == ["row 1 skipped: no image given"]
+
+
+@pytest.fixture(scope="module")
+def single_run(manifest, tiny_pipe, tmp_path_factory):
+    output = tmp_path_factory.mktemp("single")
+    rows, problems = _rows(manifest)
+    summary = run_augment(tiny_pipe, rows, output, batch_size=2, problems=problems, show_progress=False)
+    return output, summary
+
+
+def _records(output: Path) -> list[dict]:
+    lines = [line for path in sorted(output.glob("records-*.jsonl")) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in lines]
+
+
+def _pixels(output: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((output / "images").iterdir())}
+
+
+def test_single_run_outputs_and_summary(single_run):
+    output, summary = single_run
+    assert (summary.generated, summary.already_done, summary.skipped_rows, summary.failed_rows) == (7, 0, 3, 0)
+    assert len(summary.problems) == 3 and any("missing.png" in p for p in summary.problems)
+    assert any("grayscale" in p for p in summary.problems)
+    names = sorted(_pixels(output))
+    assert names == [f"r000000_a_v000{i}.png" for i in range(3)] + [f"r000002_b_v000{i}.png" for i in range(4)]
+    records = _records(output)
+    assert sorted(r["file"] for r in records) == [f"images/{n}" for n in names]
+    assert all(r["settings"]["steps"] == 2 for r in records)
+
+
+def _cli(manifest, output, *extra):
+    return [sys.executable, "-m", "rival_jax.cli", "augment", str(manifest), "-o", str(output), *JOB, *extra]
+
+
+def _env(cache_dir):
+    return {**os.environ, "RIVAL_JAX_CACHE": str(cache_dir)}
+
+
+def test_killed_job_resumes_without_loss_duplicates_or_rework(manifest, tiny_flax, single_run, tmp_path, cache_dir):
+    output = tmp_path / "out"
+    command = _cli(manifest, output, "--model", str(tiny_flax), "--batch-size", "1")
+    process = subprocess.Popen(command, env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_records(output) if output.exists() else []) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in (output / "images").glob("*.png")}
+    assert 3 <= len(before) < 7
+
+    result = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.strip().splitlines()[-1]
+    assert f"{7 - len(before)} generated" in summary and f"{len(before)} already done" in summary
+    after = {p.name: p.stat().st_mtime_ns for p in (output / "images").glob("*.png")}
+    assert all(after[name] == stamp for name, stamp in before.items())
+    assert not list((output / "images").glob(".*"))
+    records = _records(output)
+    assert len(records) == 7 and len({(r["key"], r["variation_index"]) for r in records}) == 7
+    expected = _pixels(single_run[0])
+    got = _pixels(output)
+    assert got.keys() == expected.keys()
+    assert all(np.abs(got[k].astype(int) - expected[k]).max() <= 1 for k in got)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_match_one(manifest, tiny_flax, single_run, tmp_path, cache_dir):
+    output = tmp_path / "shared-out"
+    port = _free_port()
+    processes = [
+        subprocess.Popen(
+            _cli(
+                manifest,
+                output,
+                "--model",
+                str(tiny_flax),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(k),
+            ),
+            env=_env(cache_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(2)
+    ]
+    logs = [p.communicate(timeout=600) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], logs
+    assert sorted(p.name for p in output.glob("records-*.jsonl")) == ["records-0000.jsonl", "records-0001.jsonl"]
+    assert all(_records(output)) and len(_records(output)) == 7
+    expected, got = _pixels(single_run[0]), _pixels(output)
+    assert got.keys() == expected.keys()
+    assert all(np.abs(got[k].astype(int) - expected[k]).max() <= 1 for k in got)

@@ -1,0 +1,56 @@
+"""Variations spread over devices: the same image for variation i whatever the device count or batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from rival_jax.augment import contiguous_share
+from rival_jax.parallel import pad_to, padded_length, process_share
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, jax, numpy as np
+    from rival_jax import RivalPipeline
+    pipe = RivalPipeline.from_pretrained(sys.argv[1], cache_dir=None)
+    chain = pipe.invert(np.load(sys.argv[2]), prompt="a photo of a cat", num_inference_steps=6)
+    out = pipe.generate(chain, num_variations=5, seed=21, output_type="latent")
+    np.save(sys.argv[3], out.latents)
+    print(pipe.mesh.size)
+    """
+)
+
+
+def test_eight_devices_give_the_same_variations_as_one(tmp_path, tiny_flax, tiny_pipe, tiny_chain, exemplar):
+    np.save(tmp_path / "exemplar.npy", exemplar)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", SCRIPT, str(tiny_flax), str(tmp_path / "exemplar.npy"), str(tmp_path / "l.npy")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "8"
+    eight = np.load(tmp_path / "l.npy")
+    one = tiny_pipe.generate(tiny_chain, num_variations=5, seed=21, output_type="latent").latents
+    assert tiny_pipe.mesh.size == 1 and eight.shape == one.shape == (5, 4, 16, 16)
+    np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
+
+
+def test_variation_does_not_depend_on_its_batch(tiny_pipe, tiny_chain):
+    full = tiny_pipe.generate(tiny_chain, num_variations=4, seed=2, output_type="latent")
+    picked = tiny_pipe.generate(tiny_chain, variation_indices=[3, 1], seed=2, output_type="latent", batch_size=4)
+    np.testing.assert_array_equal(picked.indices, [3, 1])
+    np.testing.assert_allclose(picked.latents, full.latents[[3, 1]], rtol=1e-4, atol=1e-4 * np.abs(full.latents).max())
+
+
+def test_padding_and_shares():
+    assert padded_length(5, type("M", (), {"size": 8})()) == 8
+    assert padded_length(16, type("M", (), {"size": 8})()) == 16
+    np.testing.assert_array_equal(pad_to(np.arange(3), 5), [0, 1, 2, 2, 2])
+    items = list(range(23))
+    for count in (1, 2, 3, 8):
+        for share in (process_share, contiguous_share):
+            parts = [share(items, index, count) for index in range(count)]
+            assert sorted(item for part in parts for item in part) == items
+    assert contiguous_share(items, 1, 2) == list(range(11, 23))

@@ -127,7 +127,7 @@ def _load_pipeline(run: dict[str, Any]):
     from rival_jax.pipeline import RivalPipeline
 
     pipe = RivalPipeline.from_pretrained(run["model"], dtype=run["dtype"], cache_dir=run["cache_dir"] or True)
-    if pipe.is_random_tiny:
+    if pipe.random_weights:
         _log("model: built-in tiny model with RANDOM weights - its images are noise (use --model for a real SD 1.x)")
     sources = ", ".join(f"{k}: {v}" for k, v in pipe.models.sources.items())
     _log(f"model: {pipe.models.path} ({sources}); devices: {pipe.mesh.size} x {pipe.mesh.devices.flat[0].platform}")
@@ -188,7 +188,7 @@ def run_generate(run: dict[str, Any], row: dict[str, Any]) -> Path:
         "rival_jax_version": metadata.version("rival-jax"),
         "model": str(run["model"]),
         "model_path": str(pipe.models.path),
-        "random_weights": pipe.is_random_tiny,
+        "random_weights": pipe.random_weights,
         "dtype": run["dtype"],
         "exemplar": str(exemplar_path),
         "exemplar_sha256": hashlib.sha256(Path(exemplar_path).read_bytes()).hexdigest(),
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if command == "make-tiny":
-            from rival_jax.tiny import write_tiny_checkpoint
+            from rival_jax.random_models import write_tiny_checkpoint
 
             print(write_tiny_checkpoint(arguments["folder"], seed=arguments["seed"], weight_format=arguments["format"]))
             return 0

@@ -70,7 +70,7 @@ class LoadedModels:
     schedule: DDIMSchedule
     params: dict[str, Any]
     sources: dict[str, str]
-    is_random_tiny: bool
+    random_weights: bool
 
 
 def default_cache_dir() -> Path:
@@ -287,5 +287,5 @@ def load_models(
         schedule=schedule,
         params=params,
         sources=sources,
-        is_random_tiny=bool(index.get(TINY_MARKER, False)),
+        random_weights=bool(index.get(TINY_MARKER, False)),
     )

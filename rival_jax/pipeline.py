@@ -77,14 +77,18 @@ class RivalPipeline:
     >>> out = pipe.generate(chain, num_variations=4, seed=0)
     """
 
-    def __init__(self, models: LoadedModels, dtype: jnp.dtype = jnp.float32) -> None:
+    def __init__(self, models: LoadedModels, dtype: jnp.dtype = jnp.float32, resolution: int | None = None) -> None:
         self.models = models
         self.dtype = dtype
         self.params = models.params
         unet, vae = models.unet, models.vae
         self.vae_scale = float(vae.config.scaling_factor)
-        self.latent_size = int(unet.config.sample_size)
-        self.resolution = self.latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        multiple = vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.resolution = resolution or int(unet.config.sample_size) * vae_factor
+        if not isinstance(self.resolution, int) or self.resolution < multiple or self.resolution % multiple:
+            raise RivalError(f"resolution {resolution!r} is not supported: use a multiple of {multiple}")
+        self.latent_size = self.resolution // vae_factor
         self.mesh = parallel.local_mesh()
         self._start_latents = jax.jit(start_latents, static_argnames="config")
         self._encode = jax.jit(self._encode_fn)
@@ -92,7 +96,7 @@ class RivalPipeline:
         self._text = jax.jit(lambda ids, params: models.text_encoder(ids, params=params)[0])
         self._executables: dict[tuple, Any] = {}
 
-    def _program(self, name: str, report_progress: bool) -> Any:
+    def program(self, name: str, report_progress: bool = False) -> Any:
         """The jit-able program `name` of the UNet, with or without per-step progress callbacks."""
         unet = self.models.unet
         if name == "invert":
@@ -111,7 +115,7 @@ class RivalPipeline:
         shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
         signature = (name, show_progress, structure, shapes)
         if signature not in self._executables:
-            program = jax.jit(self._program(name, show_progress))
+            program = jax.jit(self.program(name, show_progress))
             self._executables[signature] = program.lower(*args).compile()
         with progress.progress_bar(name.replace("_", " "), steps, show_progress):
             return jax.block_until_ready(self._executables[signature](*args))
@@ -122,23 +126,25 @@ class RivalPipeline:
         name_or_path: str | os.PathLike,
         dtype: Any = jnp.float32,
         cache_dir: Path | str | bool | None = True,
+        resolution: int | None = None,
     ) -> RivalPipeline:
         """Load a diffusers-format SD 1.x folder, a hub id, or "tiny" (the built-in random tiny model).
 
         `cache_dir`: where converted safetensors params are cached (True = default folder, None = off).
+        `resolution`: image size in pixels (default: the UNet's sample size times the VAE factor).
         """
-        from rival_jax.tiny import tiny_checkpoint
+        from rival_jax.random_models import tiny_checkpoint
 
         dtype = resolve_dtype(dtype)
         if str(name_or_path) == "tiny" and not Path("tiny").exists():
             tiny_cache = None if isinstance(cache_dir, bool) or cache_dir is None else Path(cache_dir)
             name_or_path = tiny_checkpoint(cache_dir=tiny_cache)
-        return cls(load_models(name_or_path, dtype=dtype, cache_dir=cache_dir), dtype)
+        return cls(load_models(name_or_path, dtype=dtype, cache_dir=cache_dir), dtype, resolution)
 
     @property
-    def is_random_tiny(self) -> bool:
+    def random_weights(self) -> bool:
         """True for the built-in tiny model: random weights, its images are noise."""
-        return self.models.is_random_tiny
+        return self.models.random_weights
 
     def _encode_fn(self, params: Any, pixels: jnp.ndarray) -> jnp.ndarray:
         vae = self.models.vae

@@ -27,7 +27,7 @@ from rival_jax.sampler import (
     shuffle_within,
     start_latents,
 )
-from rival_jax.tiny import SCHEDULER_CONFIG
+from rival_jax.random_models import SCHEDULER_CONFIG
 
 
 class SelfAttention(nn.Module):

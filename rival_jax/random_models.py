@@ -1,9 +1,13 @@
-"""A tiny, randomly initialised Stable-Diffusion-1.x-shaped checkpoint, written by the package itself.
+"""Randomly initialised Stable-Diffusion-1.x-shaped models, built by the package itself.
 
-It has every part a real SD 1.5 folder has (UNet with self-attention at two resolutions and in the
-mid block, a 4-block VAE with the real 8x downsampling, a CLIP text model, a working byte-level BPE
-tokenizer, a DDIM scheduler config) in either weight format, so the whole pipeline and both loading
-paths run anywhere in seconds. Its weights are random: its images are noise.
+- The built-in **tiny checkpoint**: every part a real SD 1.5 folder has (UNet with self-attention
+  at two resolutions and in the mid block, a 4-block VAE with the real 8x downsampling, a CLIP text
+  model, a working byte-level BPE tokenizer, a DDIM scheduler config), written in either weight
+  format, so the whole pipeline and both loading paths run anywhere in seconds.
+- The **full SD 1.5 architecture** in memory (`random_sd15_models`), so speed and memory can be
+  measured without downloading weights.
+
+Their weights are random: their images are noise.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from pathlib import Path
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from rival_jax.loading import TINY_MARKER, default_cache_dir, flax_to_pytorch_state_dict
+from rival_jax.ddim import DDIMSchedule
+from rival_jax.loading import TINY_MARKER, LoadedModels, default_cache_dir, flax_to_pytorch_state_dict
 
 TINY_VERSION = "1"
 WeightFormat = Literal["flax", "safetensors"]
@@ -191,6 +197,61 @@ def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, weight_forma
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+SD15_VAE_CONFIG = VAE_CONFIG | {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512}
+SD15_TEXT_CONFIG = TEXT_CONFIG | {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+}
+
+
+def random_sd15_models(dtype: jnp.dtype = jnp.float32, seed: int = 0) -> LoadedModels:
+    """The SD 1.5 UNet/VAE/CLIP architecture with random weights (tokenizer: the tiny one), in memory."""
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+
+    tiny = tiny_checkpoint(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny / "tokenizer"))
+    unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    unet = FlaxUNet2DConditionModel(**SD15_UNET_CONFIG, dtype=dtype)
+    vae = FlaxAutoencoderKL(**SD15_VAE_CONFIG, dtype=dtype)
+    text_config = CLIPTextConfig(
+        vocab_size=49408, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SD15_TEXT_CONFIG
+    )
+    text = FlaxCLIPTextModel(text_config, dtype=dtype, _do_init=False)
+    params = {
+        "unet": random_params(jax.eval_shape(unet.init_weights, unet_key), unet_key),
+        "vae": random_params(jax.eval_shape(vae.init_weights, vae_key), vae_key),
+        "text_encoder": random_params(text.params_shape_tree, text_key),
+    }
+    return LoadedModels(
+        path=Path("random-sd15"),
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        schedule=DDIMSchedule.from_scheduler_config(SCHEDULER_CONFIG),
+        params=jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params),
+        sources={name: "random (SD 1.5 architecture)" for name in params},
+        random_weights=True,
+    )
 
 
 def tiny_checkpoint(seed: int = 0, weight_format: WeightFormat = "flax", cache_dir: Path | None = None) -> Path:

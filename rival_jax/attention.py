@@ -7,8 +7,9 @@ transformer block (`attn1`, the self-attention; the text cross-attention `attn2`
   its LayerNorm) in the `intermediates` collection, keyed by the layer's module path.
 - `inject_reference`: a generated pass keeps its own queries and takes keys/values from the
   exemplar's stored hidden states (replacement) or from exemplar and own concatenated along the
-  token axis (fusion). diffusers' `FlaxAttention(hidden, context)` projects queries from `hidden`
-  and keys/values from `context`, so injection is that same call with another context.
+  token axis (fusion). The exemplar's keys/values are projected once per guidance context with
+  the layer's own weights and shared by every generated entry; attention itself is
+  `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when asked for).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
@@ -50,27 +52,52 @@ def reference_layers(intermediates: dict) -> dict[tuple[str, ...], jnp.ndarray]:
     return {key[:-1]: value[0] for key, value in flat.items() if key[-1] == REFERENCE_NAME}
 
 
-def cross_image_kv(own: jnp.ndarray, reference: jnp.ndarray, mode: str) -> jnp.ndarray:
-    """Hidden states the generated entries draw keys/values from: (B, L, C) or (B, 2L, C)."""
-    if mode == REPLACE:
-        return reference
-    return jnp.concatenate([reference, own], axis=1)
+def cross_image_attention(
+    attention: Any,
+    hidden: jnp.ndarray,
+    reference: jnp.ndarray,
+    entry_context: jnp.ndarray,
+    mode: str,
+    implementation: str | None = None,
+) -> jnp.ndarray:
+    """A diffusers `FlaxAttention` layer's output for generated entries attending across images.
+
+    hidden (B, L, D): the generated entries' input; reference (C, L, D): the exemplar's input to the
+    same layer per guidance context; entry_context (B,): which context each entry pairs with.
+    Replacement: keys/values from the exemplar only; fusion: exemplar's then the entry's own.
+    """
+    own = hidden.astype(attention.dtype)
+    stored = reference.astype(attention.dtype)
+    keys = attention.key(stored)[entry_context]
+    values = attention.value(stored)[entry_context]
+    if mode == FUSE:
+        keys = jnp.concatenate([keys, attention.key(own)], axis=1)
+        values = jnp.concatenate([values, attention.value(own)], axis=1)
+
+    def heads(x: jnp.ndarray) -> jnp.ndarray:
+        return x.reshape(x.shape[0], x.shape[1], attention.heads, attention.dim_head)
+
+    mixed = jax.nn.dot_product_attention(
+        heads(attention.query(own)), heads(keys), heads(values), scale=attention.scale, implementation=implementation
+    )
+    out = attention.proj_attn(mixed.reshape(own.shape[0], own.shape[1], attention.heads * attention.dim_head))
+    return attention.dropout_layer(out, deterministic=True)
 
 
 @contextlib.contextmanager
-def inject_reference(reference: dict[tuple[str, ...], jnp.ndarray], mode: str) -> Iterator[None]:
-    """Within this context every attn1 takes keys/values per `cross_image_kv` from `reference[path]`.
-
-    `reference[path]` must broadcast to the batch of the UNet call (B, L, C).
-    """
+def inject_reference(
+    reference: dict[tuple[str, ...], jnp.ndarray],
+    entry_context: jnp.ndarray,
+    mode: str,
+    implementation: str | None = None,
+) -> Iterator[None]:
+    """Within this context every attn1 runs `cross_image_attention` against `reference[its path]`."""
 
     def interceptor(next_fun, args, kwargs, context):
         if not _is_self_attention(context):
             return next_fun(*args, **kwargs)
-        own = args[0]
-        stored = jnp.broadcast_to(reference[tuple(context.module.path)], own.shape).astype(own.dtype)
-        kwargs = dict(kwargs, context=cross_image_kv(own, stored, mode))
-        return next_fun(own, *args[2:], **kwargs)
+        stored = reference[tuple(context.module.path)]
+        return cross_image_attention(context.module, args[0], stored, entry_context, mode, implementation)
 
     with nn.intercept_methods(interceptor):
         yield
@@ -97,8 +124,9 @@ def unet_eps_injected(
     t: jnp.ndarray,
     text: jnp.ndarray,
     reference: dict[tuple[str, ...], jnp.ndarray],
+    entry_context: jnp.ndarray,
     mode: str,
 ) -> jnp.ndarray:
     """Noise prediction with cross-image self-attention against `reference` (see `inject_reference`)."""
-    with inject_reference(reference, mode):
+    with inject_reference(reference, entry_context, mode):
         return unet_eps(unet, params, latents, t, text)

@@ -31,10 +31,12 @@ class ReferenceFeatures:
     hidden: {attn1 path: (T, C, L, D)} hidden states entering each self-attention layer, for the
         C guidance contexts [empty prompt, inversion prompt] (C = 1 when the inversion prompt is empty).
     eps: (T, 4, h, w) the exemplar's conditional noise prediction (inversion prompt).
+    contexts: C.
     """
 
     hidden: dict[tuple[str, ...], jnp.ndarray]
     eps: jnp.ndarray
+    contexts: int = struct.field(pytree_node=False)
 
 
 def reference_pass(
@@ -60,7 +62,7 @@ def reference_pass(
         return None, (hidden, eps[-1])
 
     _, (hidden, eps) = jax.lax.scan(step, None, (timesteps, latents_by_step))
-    return ReferenceFeatures(hidden=hidden, eps=eps)
+    return ReferenceFeatures(hidden=hidden, eps=eps, contexts=contexts.shape[0])
 
 
 def shuffle_within(x: jnp.ndarray, region: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
@@ -153,16 +155,16 @@ def aligned_generate(
     stride = schedule.stride(timesteps.shape[0])
     batch_texts = jnp.tile(texts, (count, 1, 1))
     next_reference_latents = chain[::-1][1:]
+    # Entries alternate [uncond, cond] and pair with the contexts [empty prompt, inversion prompt].
+    entry_context = jnp.tile(jnp.array([0, reference.contexts - 1]), count)
 
     def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
         t, hidden, eps_reference, x_reference_next = xs
         latents = jnp.repeat(x, 2, axis=0)
-        # Entries alternate [uncond, cond]; they pair with the contexts [empty prompt, inversion prompt].
-        paired = {path: jnp.tile(h[jnp.array([0, h.shape[0] - 1])], (count, 1, 1)) for path, h in hidden.items()}
         branches = [
             lambda: unet_eps(unet, params, latents, t, batch_texts),
-            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, paired, REPLACE),
-            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, paired, FUSE),
+            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, hidden, entry_context, REPLACE),
+            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, hidden, entry_context, FUSE),
         ]
         eps = jax.lax.switch(attention_stage(t, settings), branches)
         eps_uncond, eps_cond = eps[0::2], eps[1::2]

@@ -16,6 +16,7 @@ from rival_jax.attention import FUSE, REPLACE, inject_reference, unet_eps, unet_
 from rival_jax.config import RivalConfig
 from rival_jax.ddim import DDIMSchedule, ddim_step
 from rival_jax.inversion import invert
+from rival_jax.random_models import SCHEDULER_CONFIG
 from rival_jax.sampler import (
     FUSION,
     PLAIN,
@@ -27,7 +28,6 @@ from rival_jax.sampler import (
     shuffle_within,
     start_latents,
 )
-from rival_jax.random_models import SCHEDULER_CONFIG
 
 
 class SelfAttention(nn.Module):
@@ -46,7 +46,7 @@ def attention():
 
 
 def _injected(module, params, x, reference, mode):
-    with inject_reference({("attn1",): reference}, mode):
+    with inject_reference({("attn1",): reference}, jnp.arange(reference.shape[0]), mode):
         return module.apply(params, x)
 
 
@@ -87,10 +87,11 @@ def test_recording_covers_every_self_attention_layer_of_the_unet(tiny_pipe):
     chex.assert_trees_all_close(eps, unet_eps(unet, params, x, 501, text), atol=1e-5)
     for path, states in hidden.items():
         chex.assert_shape(states, (2, None, flatten_dict(params)[(*path, "to_q", "kernel")].shape[0]))
-    same = unet_eps_injected(unet, params, x, 501, text, hidden, FUSE)
+    pairs = jnp.arange(2)
+    same = unet_eps_injected(unet, params, x, 501, text, hidden, pairs, FUSE)
     chex.assert_trees_all_close(same, eps, atol=1e-4)
     swapped = {path: states[::-1] for path, states in hidden.items()}
-    assert not np.allclose(unet_eps_injected(unet, params, x, 501, text, swapped, REPLACE), eps, atol=1e-3)
+    assert not np.allclose(unet_eps_injected(unet, params, x, 501, text, swapped, pairs, REPLACE), eps, atol=1e-3)
 
 
 def test_adain_gives_target_channel_statistics():
@@ -188,7 +189,7 @@ def test_inversion_then_plain_ddim_reconstructs_x0():
     chain = invert(unet, params, schedule, x0, text, timesteps)
     chex.assert_shape(chain, (11, 4, 8, 8))
     assert float(jnp.abs(chain[-1] - x0).mean()) > 0.1
-    reference = ReferenceFeatures(hidden={}, eps=jnp.zeros((10, 4, 8, 8)))
+    reference = ReferenceFeatures(hidden={}, eps=jnp.zeros((10, 4, 8, 8)), contexts=1)
     settings = RivalConfig(guidance_scale=1.0, attention_injection=False, noise_alignment=False).as_arrays()
     final = aligned_generate(
         unet,

@@ -126,7 +126,8 @@ def unet_eps_injected(
     reference: dict[tuple[str, ...], jnp.ndarray],
     entry_context: jnp.ndarray,
     mode: str,
+    implementation: str | None = None,
 ) -> jnp.ndarray:
     """Noise prediction with cross-image self-attention against `reference` (see `inject_reference`)."""
-    with inject_reference(reference, entry_context, mode):
+    with inject_reference(reference, entry_context, mode, implementation):
         return unet_eps(unet, params, latents, t, text)

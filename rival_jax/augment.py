@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from rival_jax import images
 from rival_jax.errors import RivalError
+from rival_jax.parallel import process_share
 from rival_jax.settings import ROW_FIELDS, merge_settings, parse_text_value
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -128,12 +129,6 @@ def read_rows(source: str | os.PathLike, defaults: dict[str, Any], model: str) -
     return rows, problems
 
 
-def contiguous_share(items: list, process_index: int, process_count: int) -> list:
-    """Block `process_index` of `process_count` nearly equal contiguous blocks (rows stay together)."""
-    start = len(items) * process_index // process_count
-    return items[start : len(items) * (process_index + 1) // process_count]
-
-
 def _read_records(output: Path) -> set[tuple[str, int]]:
     done = set()
     for path in output.glob("records-*.jsonl"):
@@ -193,7 +188,7 @@ def run_augment(
         summary.skipped_rows, summary.problems = len(problems), list(problems)
         for problem in problems:
             log(problem)
-    items = contiguous_share(
+    items = process_share(
         [(row, i) for row in rows for i in range(row.settings["num_variations"])], process_index, process_count
     )
     todo: dict[int, list[int]] = {}

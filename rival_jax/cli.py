@@ -20,7 +20,9 @@ from rival_jax.settings import ROW_FIELDS, TASKS, merge_settings, read_settings_
 # Options that are not per-exemplar settings, with their defaults.
 RUN_DEFAULTS: dict[str, Any] = {
     "model": "tiny",
-    "dtype": "float32",
+    "dtype": "auto",
+    "resolution": None,
+    "attention": "xla",
     "output": "rival-output",
     "cache_dir": None,
     "compile_cache": True,
@@ -59,7 +61,19 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f"--no-{switch.replace('_', '-')}"
         add(flag, dest=switch, action="store_false", default=suppress, help=f"ablation: {switch.replace('_', ' ')} off")
     add("--model", default=suppress, help="diffusers SD 1.x folder, hub id, or 'tiny' (default, random weights)")
-    add("--dtype", choices=("float32", "bfloat16"), default=suppress, help="compute dtype (default: float32)")
+    add(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default=suppress,
+        help="compute dtype (default auto: float32 on CPU, bfloat16 on GPU/TPU)",
+    )
+    add("--resolution", type=int, default=suppress, help="image size (default: the model's, 512 for SD 1.5)")
+    add(
+        "--attention",
+        choices=("xla", "cudnn"),
+        default=suppress,
+        help="injected attention backend (cudnn: flash attention, NVIDIA GPUs, bf16)",
+    )
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")
     add("--cache-dir", default=suppress, help="cache folder for converted weights and the tiny model")
@@ -126,7 +140,13 @@ def _prepare_runtime(run: dict[str, Any]) -> None:
 def _load_pipeline(run: dict[str, Any]):
     from rival_jax.pipeline import RivalPipeline
 
-    pipe = RivalPipeline.from_pretrained(run["model"], dtype=run["dtype"], cache_dir=run["cache_dir"] or True)
+    pipe = RivalPipeline.from_pretrained(
+        run["model"],
+        dtype=run["dtype"],
+        cache_dir=run["cache_dir"] or True,
+        resolution=run["resolution"],
+        attention=run["attention"],
+    )
     if pipe.random_weights:
         _log("model: built-in tiny model with RANDOM weights - its images are noise (use --model for a real SD 1.x)")
     sources = ", ".join(f"{k}: {v}" for k, v in pipe.models.sources.items())
@@ -189,7 +209,8 @@ def run_generate(run: dict[str, Any], row: dict[str, Any]) -> Path:
         "model": str(run["model"]),
         "model_path": str(pipe.models.path),
         "random_weights": pipe.random_weights,
-        "dtype": run["dtype"],
+        "dtype": str(np.dtype(pipe.dtype)),
+        "resolution": pipe.resolution,
         "exemplar": str(exemplar_path),
         "exemplar_sha256": hashlib.sha256(Path(exemplar_path).read_bytes()).hexdigest(),
         "task": settings["task"],

@@ -66,10 +66,6 @@ class RivalConfig:
         if not 0.0 <= float(self.guidance_scale) <= 100.0:
             raise RivalError(f"guidance_scale={self.guidance_scale!r} is out of range: use a value in 0..100")
 
-    def replace(self, **changes: object) -> RivalConfig:
-        """A copy with some settings changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 

@@ -31,7 +31,7 @@ def invert(
     stride = schedule.stride(timesteps.shape[0])
 
     def step(x: jnp.ndarray, t: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        eps = unet_eps(unet, params, x[None], t, text)[0]
+        eps = unet_eps(unet, params, x[None], t, text)[0].astype(jnp.float32)
         x_next = ddim_step(x, eps, schedule.alpha(t - stride), schedule.alpha(t))
         if report_progress:
             progress.tick(t)

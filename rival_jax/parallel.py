@@ -4,7 +4,7 @@
   devices (`jax.shard_map`): each device denoises its slice of the variations against a
   replicated copy of the exemplar's reference features, with no communication between devices.
 - Across processes (TPU pod hosts, multi-node GPU), `jax.distributed` names each process; each
-  takes its own share of the work (`process_share`) and writes its own files.
+  takes its own contiguous block of the work (`process_share`) and writes its own files.
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ def initialize_distributed(
     return jax.process_index(), jax.process_count()
 
 
-def process_share(items: Sequence[T], process_index: int | None = None, process_count: int | None = None) -> list[T]:
-    """This process's items: every process_count-th, starting at process_index (stable, disjoint, complete)."""
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    return list(items[index::count])
+def process_share(items: Sequence[T], process_index: int, process_count: int) -> list[T]:
+    """Block `process_index` of `process_count` nearly equal contiguous blocks of `items`.
+
+    Contiguous blocks keep an exemplar's variations on few processes, so few processes invert it.
+    """
+    start = len(items) * process_index // process_count
+    return list(items[start : len(items) * (process_index + 1) // process_count])

@@ -28,6 +28,7 @@ from rival_jax.sampler import ReferenceFeatures, aligned_generate, reference_pas
 
 OutputType = Literal["pil", "np", "latent"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass
@@ -62,9 +63,12 @@ class RivalOutput:
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """ "auto" is float32 on CPU and bfloat16 on accelerators; names or JAX dtypes pass through."""
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise RivalError(f"dtype {dtype!r} is not supported: use {' or '.join(DTYPES)}")
+            raise RivalError(f"dtype {dtype!r} is not supported: use auto, {' or '.join(DTYPES)}")
         return DTYPES[dtype]
     return dtype
 
@@ -77,7 +81,16 @@ class RivalPipeline:
     >>> out = pipe.generate(chain, num_variations=4, seed=0)
     """
 
-    def __init__(self, models: LoadedModels, dtype: jnp.dtype = jnp.float32, resolution: int | None = None) -> None:
+    def __init__(
+        self,
+        models: LoadedModels,
+        dtype: jnp.dtype = jnp.float32,
+        resolution: int | None = None,
+        attention: str = "xla",
+    ) -> None:
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
+        self.attention = attention
         self.models = models
         self.dtype = dtype
         self.params = models.params
@@ -103,7 +116,9 @@ class RivalPipeline:
             return functools.partial(invert, unet, report_progress=report_progress)
         if name == "reference_pass":
             return functools.partial(reference_pass, unet, report_progress=report_progress)
-        generate = functools.partial(aligned_generate, unet, report_progress=report_progress)
+        generate = functools.partial(
+            aligned_generate, unet, report_progress=report_progress, attention_implementation=self.attention
+        )
         return parallel.over_variations(generate, self.mesh, num_args=9, batch_arg=4)
 
     def _run(self, name: str, steps: int, show_progress: bool, *args: Any) -> Any:
@@ -115,7 +130,8 @@ class RivalPipeline:
         shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
         signature = (name, show_progress, structure, shapes)
         if signature not in self._executables:
-            program = jax.jit(self.program(name, show_progress))
+            donate = (4,) if name == "generate" else ()  # the padded start latents, made for this call
+            program = jax.jit(self.program(name, show_progress), donate_argnums=donate)
             self._executables[signature] = program.lower(*args).compile()
         with progress.progress_bar(name.replace("_", " "), steps, show_progress):
             return jax.block_until_ready(self._executables[signature](*args))
@@ -124,14 +140,17 @@ class RivalPipeline:
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike,
-        dtype: Any = jnp.float32,
+        dtype: Any = "auto",
         cache_dir: Path | str | bool | None = True,
         resolution: int | None = None,
+        attention: str = "xla",
     ) -> RivalPipeline:
         """Load a diffusers-format SD 1.x folder, a hub id, or "tiny" (the built-in random tiny model).
 
         `cache_dir`: where converted safetensors params are cached (True = default folder, None = off).
         `resolution`: image size in pixels (default: the UNet's sample size times the VAE factor).
+        `dtype`: "auto" (float32 on CPU, bfloat16 on GPU/TPU), "float32", "bfloat16" or a JAX dtype.
+        `attention`: backend of the injected self-attention, "xla" or "cudnn" (NVIDIA flash attention).
         """
         from rival_jax.random_models import tiny_checkpoint
 
@@ -139,7 +158,7 @@ class RivalPipeline:
         if str(name_or_path) == "tiny" and not Path("tiny").exists():
             tiny_cache = None if isinstance(cache_dir, bool) or cache_dir is None else Path(cache_dir)
             name_or_path = tiny_checkpoint(cache_dir=tiny_cache)
-        return cls(load_models(name_or_path, dtype=dtype, cache_dir=cache_dir), dtype, resolution)
+        return cls(load_models(name_or_path, dtype=dtype, cache_dir=cache_dir), dtype, resolution, attention)
 
     @property
     def random_weights(self) -> bool:

@@ -141,6 +141,7 @@ def aligned_generate(
     settings: dict[str, jnp.ndarray],
     timesteps: jnp.ndarray,
     report_progress: bool = False,
+    attention_implementation: str | None = None,
 ) -> jnp.ndarray:
     """Denoise the variations `start` (N, 4, h, w) along the exemplar's chain; returns final latents.
 
@@ -150,6 +151,8 @@ def aligned_generate(
     settings: `RivalConfig.as_arrays()`.
     report_progress (static): tick `progress` every step (host callbacks keep the program out of
         XLA's persistent cache, so batch work leaves it off).
+    attention_implementation (static): `jax.nn.dot_product_attention`'s backend for the injected
+        layers, None/"xla" or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16).
     """
     count = start.shape[0]
     stride = schedule.stride(timesteps.shape[0])
@@ -163,15 +166,19 @@ def aligned_generate(
         latents = jnp.repeat(x, 2, axis=0)
         branches = [
             lambda: unet_eps(unet, params, latents, t, batch_texts),
-            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, hidden, entry_context, REPLACE),
-            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, hidden, entry_context, FUSE),
+            lambda: unet_eps_injected(
+                unet, params, latents, t, batch_texts, hidden, entry_context, REPLACE, attention_implementation
+            ),
+            lambda: unet_eps_injected(
+                unet, params, latents, t, batch_texts, hidden, entry_context, FUSE, attention_implementation
+            ),
         ]
-        eps = jax.lax.switch(attention_stage(t, settings), branches)
+        eps = jax.lax.switch(attention_stage(t, settings), branches).astype(jnp.float32)
         eps_uncond, eps_cond = eps[0::2], eps[1::2]
-        guided = eps_uncond + settings["guidance_scale"].astype(eps.dtype) * (eps_cond - eps_uncond)
+        guided = eps_uncond + settings["guidance_scale"] * (eps_cond - eps_uncond)
         guided = jax.lax.cond(
             settings["noise_alignment"] & (t > settings["t_early"]),
-            lambda g: adain(g, eps_reference),
+            lambda g: adain(g, eps_reference.astype(jnp.float32)),
             lambda g: g,
             guided,
         )

@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--sd15-random", action="store_true", help="full SD 1.5 architecture with random weights")
     parser.add_argument("--resolution", type=int, help="image size (default: the model's)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla", help="injected attention backend")
     parser.add_argument("--counts", default="1,4,16", help="numbers of variations N")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
     parser.add_argument("--guidance", type=float, default=7.0)
@@ -84,12 +85,14 @@ def main() -> None:
 
     dtype = resolve_dtype(args.dtype)
     if args.sd15_random:
-        pipe = RivalPipeline(random_sd15_models(dtype), dtype, args.resolution)
+        pipe = RivalPipeline(random_sd15_models(dtype), dtype, args.resolution, args.attention)
     else:
-        pipe = RivalPipeline.from_pretrained(args.model, dtype=dtype, resolution=args.resolution)
+        pipe = RivalPipeline.from_pretrained(
+            args.model, dtype=dtype, resolution=args.resolution, attention=args.attention
+        )
     device = jax.devices()[0]
     name = "SD 1.5 architecture, random weights" if args.sd15_random else str(pipe.models.path)
-    print(f"model: {name}; device: {device.device_kind} ({device.platform}) x {pipe.mesh.size}; dtype {args.dtype}")
+    print(f"model: {name}; device: {device.device_kind} ({device.platform}) x {pipe.mesh.size}; dtype {dtype.__name__}")
     print(f"resolution {pipe.resolution}x{pipe.resolution} (latent {pipe.latent_size}), {args.steps} steps")
 
     unet, params, schedule = pipe.models.unet, pipe.params["unet"], pipe.models.schedule

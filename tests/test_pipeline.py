@@ -108,3 +108,18 @@ def test_invert_rejects_bad_input(tiny_pipe, exemplar):
         tiny_pipe.invert(Image.fromarray(exemplar).convert("L"))
     with pytest.raises(RivalError, match="uint8"):
         tiny_pipe.invert(np.zeros((8, 8), np.float32))
+
+
+def test_resolution_dtype_and_attention_options(tiny_flax, exemplar):
+    from rival_jax import RivalPipeline
+
+    pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, resolution=96)
+    assert pipe.dtype == np.float32 and (pipe.resolution, pipe.latent_size) == (96, 12)
+    chain = pipe.invert(exemplar, num_inference_steps=2)
+    assert chain.image.shape == (96, 96, 3) and chain.latents.shape == (3, 4, 12, 12)
+    with pytest.raises(RivalError, match="multiple of 32"):
+        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, resolution=100)
+    with pytest.raises(RivalError, match="attention"):
+        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, attention="flash")
+    with pytest.raises(RivalError, match="dtype"):
+        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="float8")

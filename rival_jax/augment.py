@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from rival_jax import images
 from rival_jax.errors import RivalError
 from rival_jax.parallel import process_share
-from rival_jax.settings import ROW_FIELDS, merge_settings, parse_text_value
+from rival_jax.settings import ROW_FIELDS, generation_arguments, merge_settings, parse_text_value
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -248,14 +248,7 @@ def _generate_row(pipe, row, exemplar, mask, indices, batch_size, image_dir, rec
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         out = pipe.generate(
-            chain,
-            prompt=settings["prompt"],
-            negative_prompt=settings["negative_prompt"],
-            seed=settings["seed"],
-            config=settings["config"],
-            mask=region,
-            variation_indices=chunk,
-            batch_size=batch_size,
+            chain, **generation_arguments(settings), mask=region, variation_indices=chunk, batch_size=batch_size
         )
         for index, image in zip(chunk, out.images, strict=True):
             images.save_png(image, image_dir / row.file_name(index), {"key": row.key, "variation_index": index})

@@ -15,7 +15,7 @@ import numpy as np
 
 from rival_jax.config import LATENT_INITS
 from rival_jax.errors import RivalError
-from rival_jax.settings import ROW_FIELDS, TASKS, merge_settings, read_settings_file
+from rival_jax.settings import ROW_FIELDS, TASKS, generation_arguments, merge_settings, read_settings_file
 
 # Options that are not per-exemplar settings, with their defaults.
 RUN_DEFAULTS: dict[str, Any] = {
@@ -181,11 +181,8 @@ def run_generate(run: dict[str, Any], row: dict[str, Any]) -> Path:
         clock = time.perf_counter()
         result = pipe.generate(
             chain,
-            prompt=settings["prompt"],
-            negative_prompt=settings["negative_prompt"],
+            **generation_arguments(settings),
             num_variations=settings["num_variations"],
-            seed=settings["seed"],
-            config=settings["config"],
             mask=mask,
             show_progress=show,
         )

@@ -62,6 +62,16 @@ def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def generation_arguments(settings: dict[str, Any]) -> dict[str, Any]:
+    """The `RivalPipeline.generate` keyword arguments that resolved job settings fix."""
+    return {
+        "prompt": settings["prompt"],
+        "negative_prompt": settings["negative_prompt"],
+        "seed": settings["seed"],
+        "config": settings["config"],
+    }
+
+
 def read_settings_file(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
     """A JSON or YAML mapping of settings; names outside `allowed` are an error."""
     file = Path(path)

@@ -6,10 +6,14 @@ transformer block (`attn1`, the self-attention; the text cross-attention `attn2`
 - `record_reference`: the exemplar's pass stores the hidden states entering each `attn1` (after
   its LayerNorm) in the `intermediates` collection, keyed by the layer's module path.
 - `inject_reference`: a generated pass keeps its own queries and takes keys/values from the
-  exemplar's stored hidden states (replacement) or from exemplar and own concatenated along the
-  token axis (fusion). The exemplar's keys/values are projected once per guidance context with
-  the layer's own weights and shared by every generated entry; attention itself is
-  `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when asked for).
+  exemplar's stored hidden states (replacement) or from exemplar and own together (fusion).
+
+The exemplar's keys/values are projected once per group and shared by every generated entry of the
+group, whose queries are stacked into one matrix product against them. Fusion never builds the
+concatenated keys: the attention over the exemplar's tokens and over the entry's own tokens are
+computed apart and merged by their log-sum-exps, which is the softmax over both exactly. Queries go
+through in blocks of `QUERY_BLOCK` tokens so the score matrices stay small. `implementation="cudnn"`
+hands both stages to cuDNN flash attention through `jax.nn.dot_product_attention` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from flax.traverse_util import flatten_dict
 REFERENCE_COLLECTION = "intermediates"
 REFERENCE_NAME = "rival_reference"
 REPLACE, FUSE = "replace", "fuse"
+QUERY_BLOCK = 256
 
 
 def _is_self_attention(context: nn.module.InterceptorContext) -> bool:
@@ -52,34 +57,94 @@ def reference_layers(intermediates: dict) -> dict[tuple[str, ...], jnp.ndarray]:
     return {key[:-1]: value[0] for key, value in flat.items() if key[-1] == REFERENCE_NAME}
 
 
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Softmax attention (B, T, H, d) of q over k/v (B, S, H, d), and its log-sum-exp (B, T, H), in float32."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    peak = logits.max(axis=-1, keepdims=True)
+    weights = jnp.exp(logits - peak)
+    total = weights.sum(axis=-1).transpose(0, 2, 1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / total[..., None], peak[..., 0].transpose(0, 2, 1) + jnp.log(total)
+
+
+def _grouped(x: jnp.ndarray, groups: int) -> jnp.ndarray:
+    """(G*n, T, ...) entries to (G, n*T, ...): one query matrix per group."""
+    return x.reshape(groups, -1, *x.shape[2:])
+
+
+def _cross_image_block(
+    q: jnp.ndarray,
+    reference_kv: tuple[jnp.ndarray, jnp.ndarray],
+    own_kv: tuple[jnp.ndarray, jnp.ndarray] | None,
+    scale: float,
+) -> jnp.ndarray:
+    """Queries q (G*n, T, H, d) over their group's reference keys/values (G, S, H, d), and their own if given."""
+    out, lse = attend(_grouped(q, reference_kv[0].shape[0]), *reference_kv, scale)
+    out, lse = out.reshape(q.shape), lse.reshape(q.shape[:3])
+    if own_kv is None:
+        return out
+    own_out, own_lse = attend(q, *own_kv, scale)
+    return own_out + jax.nn.sigmoid(lse - own_lse)[..., None] * (out - own_out)
+
+
+def _query_block(length: int) -> int:
+    return max(size for size in range(1, min(length, QUERY_BLOCK) + 1) if length % size == 0)
+
+
+def _blockwise(
+    q: jnp.ndarray,
+    reference_kv: tuple[jnp.ndarray, jnp.ndarray],
+    own_kv: tuple[jnp.ndarray, jnp.ndarray] | None,
+    scale: float,
+) -> jnp.ndarray:
+    """`_cross_image_block` over blocks of the query tokens, one block at a time."""
+    batch, length, heads, dim = q.shape
+    block = _query_block(length)
+    blocks = q.reshape(batch, length // block, block, heads, dim).swapaxes(0, 1)
+    out = jax.lax.map(lambda qb: _cross_image_block(qb, reference_kv, own_kv, scale), blocks)
+    return out.swapaxes(0, 1).reshape(q.shape)
+
+
+def _cudnn(
+    q: jnp.ndarray,
+    reference_kv: tuple[jnp.ndarray, jnp.ndarray],
+    own_kv: tuple[jnp.ndarray, jnp.ndarray] | None,
+    scale: float,
+) -> jnp.ndarray:
+    """Both stages as one cuDNN flash attention call (fusion over the concatenated keys)."""
+    groups = reference_kv[0].shape[0]
+    if own_kv is None:
+        out = jax.nn.dot_product_attention(_grouped(q, groups), *reference_kv, scale=scale, implementation="cudnn")
+        return out.reshape(q.shape)
+    per_entry = [jnp.repeat(x, q.shape[0] // groups, axis=0) for x in reference_kv]
+    keys, values = (jnp.concatenate([r, o], axis=1) for r, o in zip(per_entry, own_kv, strict=True))
+    return jax.nn.dot_product_attention(q, keys, values, scale=scale, implementation="cudnn")
+
+
 def cross_image_attention(
     attention: Any,
     hidden: jnp.ndarray,
     reference: jnp.ndarray,
-    entry_context: jnp.ndarray,
     mode: str,
     implementation: str | None = None,
 ) -> jnp.ndarray:
     """A diffusers `FlaxAttention` layer's output for generated entries attending across images.
 
-    hidden (B, L, D): the generated entries' input; reference (C, L, D): the exemplar's input to the
-    same layer per guidance context; entry_context (B,): which context each entry pairs with.
-    Replacement: keys/values from the exemplar only; fusion: exemplar's then the entry's own.
+    hidden (G*n, L, D): the generated entries' input, G contiguous groups of n entries; reference
+    (G, L, D): the exemplar's input to the same layer, one per group (group g pairs with reference g).
+    Replacement: keys/values from the exemplar only; fusion: from the exemplar's and the entry's own
+    tokens together.
     """
-    own = hidden.astype(attention.dtype)
-    stored = reference.astype(attention.dtype)
-    keys = attention.key(stored)[entry_context]
-    values = attention.value(stored)[entry_context]
-    if mode == FUSE:
-        keys = jnp.concatenate([keys, attention.key(own)], axis=1)
-        values = jnp.concatenate([values, attention.value(own)], axis=1)
 
     def heads(x: jnp.ndarray) -> jnp.ndarray:
         return x.reshape(x.shape[0], x.shape[1], attention.heads, attention.dim_head)
 
-    mixed = jax.nn.dot_product_attention(
-        heads(attention.query(own)), heads(keys), heads(values), scale=attention.scale, implementation=implementation
-    )
+    own = hidden.astype(attention.dtype)
+    stored = reference.astype(attention.dtype)
+    reference_kv = (heads(attention.key(stored)), heads(attention.value(stored)))
+    own_kv = (heads(attention.key(own)), heads(attention.value(own))) if mode == FUSE else None
+    method = _cudnn if implementation == "cudnn" else _blockwise
+    mixed = method(heads(attention.query(own)), reference_kv, own_kv, attention.scale).astype(attention.dtype)
     out = attention.proj_attn(mixed.reshape(own.shape[0], own.shape[1], attention.heads * attention.dim_head))
     return attention.dropout_layer(out, deterministic=True)
 
@@ -87,7 +152,6 @@ def cross_image_attention(
 @contextlib.contextmanager
 def inject_reference(
     reference: dict[tuple[str, ...], jnp.ndarray],
-    entry_context: jnp.ndarray,
     mode: str,
     implementation: str | None = None,
 ) -> Iterator[None]:
@@ -97,14 +161,30 @@ def inject_reference(
         if not _is_self_attention(context):
             return next_fun(*args, **kwargs)
         stored = reference[tuple(context.module.path)]
-        return cross_image_attention(context.module, args[0], stored, entry_context, mode, implementation)
+        return cross_image_attention(context.module, args[0], stored, mode, implementation)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+@contextlib.contextmanager
+def own_reference(implementation: str | None = None) -> Iterator[None]:
+    """Within this context every attn1 attends to its own input through `cross_image_attention`.
+
+    That is plain self-attention computed by the injected layers' kernel: a like-for-like baseline.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        if not _is_self_attention(context):
+            return next_fun(*args, **kwargs)
+        return cross_image_attention(context.module, args[0], args[0], REPLACE, implementation)
 
     with nn.intercept_methods(interceptor):
         yield
 
 
 def unet_eps(unet: Any, params: Any, latents: jnp.ndarray, t: jnp.ndarray, text: jnp.ndarray) -> jnp.ndarray:
-    """Noise prediction of the Flax UNet, NCHW in and out."""
+    """Noise prediction of the Flax UNet, NCHW in and out; t is a scalar or one timestep per entry."""
     return unet.apply({"params": params}, latents, t, text).sample
 
 
@@ -124,10 +204,9 @@ def unet_eps_injected(
     t: jnp.ndarray,
     text: jnp.ndarray,
     reference: dict[tuple[str, ...], jnp.ndarray],
-    entry_context: jnp.ndarray,
     mode: str,
     implementation: str | None = None,
 ) -> jnp.ndarray:
     """Noise prediction with cross-image self-attention against `reference` (see `inject_reference`)."""
-    with inject_reference(reference, entry_context, mode, implementation):
+    with inject_reference(reference, mode, implementation):
         return unet_eps(unet, params, latents, t, text)

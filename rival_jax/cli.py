@@ -23,6 +23,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "dtype": "auto",
     "resolution": None,
     "attention": "xla",
+    "reference_batch_size": 8,
     "output": "rival-output",
     "cache_dir": None,
     "compile_cache": True,
@@ -73,6 +74,12 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("xla", "cudnn"),
         default=suppress,
         help="injected attention backend (cudnn: flash attention, NVIDIA GPUs, bf16)",
+    )
+    add(
+        "--reference-batch-size",
+        type=int,
+        default=suppress,
+        help="UNet batch of the exemplar's reference pass (default: 8; lower it to save memory)",
     )
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")
@@ -146,6 +153,7 @@ def _load_pipeline(run: dict[str, Any]):
         cache_dir=run["cache_dir"] or True,
         resolution=run["resolution"],
         attention=run["attention"],
+        reference_batch_size=run["reference_batch_size"],
     )
     if pipe.random_weights:
         _log("model: built-in tiny model with RANDOM weights - its images are noise (use --model for a real SD 1.x)")

@@ -24,7 +24,7 @@ from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.inversion import invert
 from rival_jax.loading import LoadedModels, load_models
-from rival_jax.sampler import ReferenceFeatures, aligned_generate, reference_pass, start_latents
+from rival_jax.sampler import ReferenceFeatures, aligned_generate, reference_batches, reference_pass, start_latents
 
 OutputType = Literal["pil", "np", "latent"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -87,10 +87,16 @@ class RivalPipeline:
         dtype: jnp.dtype = jnp.float32,
         resolution: int | None = None,
         attention: str = "xla",
+        reference_batch_size: int = 8,
     ) -> None:
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if attention == "cudnn" and jnp.dtype(dtype).itemsize != 2:
+            raise RivalError("attention 'cudnn' (flash attention) needs bfloat16: use dtype bfloat16 or attention xla")
+        if not isinstance(reference_batch_size, int) or reference_batch_size < 1:
+            raise RivalError(f"reference_batch_size={reference_batch_size!r} is out of range: use an integer >= 1")
         self.attention = attention
+        self.reference_batch_size = reference_batch_size
         self.models = models
         self.dtype = dtype
         self.params = models.params
@@ -115,7 +121,9 @@ class RivalPipeline:
         if name == "invert":
             return functools.partial(invert, unet, report_progress=report_progress)
         if name == "reference_pass":
-            return functools.partial(reference_pass, unet, report_progress=report_progress)
+            return functools.partial(
+                reference_pass, unet, batch_size=self.reference_batch_size, report_progress=report_progress
+            )
         generate = functools.partial(
             aligned_generate, unet, report_progress=report_progress, attention_implementation=self.attention
         )
@@ -144,6 +152,7 @@ class RivalPipeline:
         cache_dir: Path | str | bool | None = True,
         resolution: int | None = None,
         attention: str = "xla",
+        reference_batch_size: int = 8,
     ) -> RivalPipeline:
         """Load a diffusers-format SD 1.x folder, a hub id, or "tiny" (the built-in random tiny model).
 
@@ -151,6 +160,7 @@ class RivalPipeline:
         `resolution`: image size in pixels (default: the UNet's sample size times the VAE factor).
         `dtype`: "auto" (float32 on CPU, bfloat16 on GPU/TPU), "float32", "bfloat16" or a JAX dtype.
         `attention`: backend of the injected self-attention, "xla" or "cudnn" (NVIDIA flash attention).
+        `reference_batch_size`: UNet batch of the exemplar's reference pass (memory against speed).
         """
         from rival_jax.random_models import tiny_checkpoint
 
@@ -158,7 +168,8 @@ class RivalPipeline:
         if str(name_or_path) == "tiny" and not Path("tiny").exists():
             tiny_cache = None if isinstance(cache_dir, bool) or cache_dir is None else Path(cache_dir)
             name_or_path = tiny_checkpoint(cache_dir=tiny_cache)
-        return cls(load_models(name_or_path, dtype=dtype, cache_dir=cache_dir), dtype, resolution, attention)
+        models = load_models(name_or_path, dtype=dtype, cache_dir=cache_dir)
+        return cls(models, dtype, resolution, attention, reference_batch_size)
 
     @property
     def random_weights(self) -> bool:
@@ -218,7 +229,7 @@ class RivalPipeline:
         contexts = self.encode_prompt(prompts)
         return self._run(
             "reference_pass",
-            chain.num_inference_steps,
+            reference_batches(chain.num_inference_steps * len(prompts), self.reference_batch_size)[0],
             show_progress,
             self.params["unet"],
             chain.latents,

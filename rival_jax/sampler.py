@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from rival_jax import progress
@@ -45,24 +46,49 @@ def reference_pass(
     chain: jnp.ndarray,
     contexts: jnp.ndarray,
     timesteps: jnp.ndarray,
+    batch_size: int = 8,
     report_progress: bool = False,
 ) -> ReferenceFeatures:
-    """Evaluate the exemplar at every generation step j on its stored latent x_{T-j}.
+    """Evaluate the exemplar at every generation step j on its stored latent x_{T-j}, for every context.
 
     `contexts` (C, L, D) are the text embeddings [empty prompt, inversion prompt], or just one when equal.
+    No step depends on another, so the T*C evaluations run as UNet batches of up to `batch_size`
+    (static), each entry at its own timestep; the last batch is padded with repeats that are dropped.
     """
+    steps, count = timesteps.shape[0], contexts.shape[0]
+    items = steps * count
+    batches, per_batch = reference_batches(items, batch_size)
+    item = np.minimum(np.arange(batches * per_batch), items - 1)
+    step_of, context_of = item // count, item % count
     latents_by_step = chain[::-1][:-1]
 
-    def step(_: None, xs: tuple[jnp.ndarray, jnp.ndarray]) -> tuple[None, tuple[dict, jnp.ndarray]]:
-        t, x = xs
-        batch = jnp.broadcast_to(x, (contexts.shape[0], *x.shape))
-        eps, hidden = unet_eps_recording(unet, params, batch, t, contexts)
-        if report_progress:
-            progress.tick(t)
-        return None, (hidden, eps[-1])
+    def batched(x: jnp.ndarray) -> jnp.ndarray:
+        return x.reshape(batches, per_batch, *x.shape[1:])
 
-    _, (hidden, eps) = jax.lax.scan(step, None, (timesteps, latents_by_step))
-    return ReferenceFeatures(hidden=hidden, eps=eps, contexts=contexts.shape[0])
+    def run(_: None, xs: tuple) -> tuple[None, tuple[dict, jnp.ndarray]]:
+        x, t, text = xs
+        eps, hidden = unet_eps_recording(unet, params, x, t, text)
+        if report_progress:
+            progress.tick(t[0])
+        return None, (hidden, eps)
+
+    inputs = (latents_by_step[step_of], timesteps[step_of].astype(jnp.float32), contexts[context_of])
+    _, outputs = jax.lax.scan(run, None, tuple(batched(x) for x in inputs))
+
+    def by_step(x: jnp.ndarray) -> jnp.ndarray:
+        return x.reshape(-1, *x.shape[2:])[:items].reshape(steps, count, *x.shape[2:])
+
+    hidden, eps = jax.tree_util.tree_map(by_step, outputs)
+    return ReferenceFeatures(hidden=hidden, eps=eps[:, -1], contexts=count)
+
+
+def reference_batches(items: int, batch_size: int) -> tuple[int, int]:
+    """(UNet batches, entries per batch) that `reference_pass` runs for `items` = steps x contexts evaluations.
+
+    The fewest batches of at most `batch_size`, as even as possible, so padding stays under one per batch.
+    """
+    batches = -(-items // batch_size)
+    return batches, -(-items // batches)
 
 
 def shuffle_within(x: jnp.ndarray, region: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
@@ -151,30 +177,29 @@ def aligned_generate(
     settings: `RivalConfig.as_arrays()`.
     report_progress (static): tick `progress` every step (host callbacks keep the program out of
         XLA's persistent cache, so batch work leaves it off).
-    attention_implementation (static): `jax.nn.dot_product_attention`'s backend for the injected
-        layers, None/"xla" or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16).
+    attention_implementation (static): how the injected layers attend: None/"xla" (blockwise, see
+        `attention`) or "cudnn" (`jax.nn.dot_product_attention`'s flash attention, NVIDIA GPUs, bf16/fp16).
     """
     count = start.shape[0]
     stride = schedule.stride(timesteps.shape[0])
-    batch_texts = jnp.tile(texts, (count, 1, 1))
+    batch_texts = jnp.repeat(texts, count, axis=0)
     next_reference_latents = chain[::-1][1:]
-    # Entries alternate [uncond, cond] and pair with the contexts [empty prompt, inversion prompt].
-    entry_context = jnp.tile(jnp.array([0, reference.contexts - 1]), count)
+    # The batch is [uncond x N, cond x N]; the two groups pair with the contexts [empty prompt, inversion prompt].
+    group_context = jnp.array([0, reference.contexts - 1])
 
     def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
         t, hidden, eps_reference, x_reference_next = xs
-        latents = jnp.repeat(x, 2, axis=0)
+        latents = jnp.concatenate([x, x])
+        grouped = {path: states[group_context] for path, states in hidden.items()}
         branches = [
             lambda: unet_eps(unet, params, latents, t, batch_texts),
             lambda: unet_eps_injected(
-                unet, params, latents, t, batch_texts, hidden, entry_context, REPLACE, attention_implementation
+                unet, params, latents, t, batch_texts, grouped, REPLACE, attention_implementation
             ),
-            lambda: unet_eps_injected(
-                unet, params, latents, t, batch_texts, hidden, entry_context, FUSE, attention_implementation
-            ),
+            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, grouped, FUSE, attention_implementation),
         ]
         eps = jax.lax.switch(attention_stage(t, settings), branches).astype(jnp.float32)
-        eps_uncond, eps_cond = eps[0::2], eps[1::2]
+        eps_uncond, eps_cond = jnp.split(eps, 2)
         guided = eps_uncond + settings["guidance_scale"] * (eps_cond - eps_uncond)
         guided = jax.lax.cond(
             settings["noise_alignment"] & (t > settings["t_early"]),

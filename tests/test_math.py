@@ -12,7 +12,16 @@ from diffusers.models.attention_flax import FlaxAttention
 from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionOutput
 from flax.traverse_util import flatten_dict
 
-from rival_jax.attention import FUSE, REPLACE, inject_reference, unet_eps, unet_eps_injected, unet_eps_recording
+from rival_jax.attention import (
+    FUSE,
+    QUERY_BLOCK,
+    REPLACE,
+    inject_reference,
+    own_reference,
+    unet_eps,
+    unet_eps_injected,
+    unet_eps_recording,
+)
 from rival_jax.config import RivalConfig
 from rival_jax.ddim import DDIMSchedule, ddim_step
 from rival_jax.inversion import invert
@@ -46,7 +55,7 @@ def attention():
 
 
 def _injected(module, params, x, reference, mode):
-    with inject_reference({("attn1",): reference}, jnp.arange(reference.shape[0]), mode):
+    with inject_reference({("attn1",): reference}, mode):
         return module.apply(params, x)
 
 
@@ -54,6 +63,15 @@ def _injected(module, params, x, reference, mode):
 def test_identical_reference_gives_plain_self_attention(attention, mode):
     module, params, x = attention
     chex.assert_trees_all_close(_injected(module, params, x, x, mode), module.apply(params, x), atol=1e-5)
+
+
+def test_own_reference_is_plain_self_attention(attention):
+    module, params, x = attention
+    wide = jax.random.normal(jax.random.PRNGKey(4), (2, QUERY_BLOCK + 8, 16))
+    for tokens in (x, wide):
+        with own_reference():
+            blockwise = module.apply(params, tokens)
+        chex.assert_trees_all_close(blockwise, module.apply(params, tokens), atol=1e-5)
 
 
 def test_replacement_takes_keys_and_values_from_reference_only(attention):
@@ -77,6 +95,27 @@ def test_fusion_attends_to_reference_and_own_tokens(attention):
     assert not np.allclose(fused, _injected(module, params, x, reference, REPLACE), atol=1e-3)
 
 
+@pytest.mark.parametrize("tokens", [2 * QUERY_BLOCK, QUERY_BLOCK + 44])
+def test_blockwise_injection_equals_softmax_over_concatenated_keys(tokens):
+    """Groups of entries share one reference; fusion is one softmax over [reference tokens, own tokens]."""
+    module = SelfAttention()
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, tokens, 16))
+    reference = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (2, tokens, 16))
+    variables = module.init(jax.random.PRNGKey(2), x)
+    p = variables["params"]["attn1"]
+
+    def heads(a):
+        return a.reshape(a.shape[0], a.shape[1], 2, 8)
+
+    per_entry = jnp.repeat(reference, 2, axis=0)  # entries 0, 1 pair with reference 0; 2, 3 with reference 1
+    q = heads(x @ p["to_q"]["kernel"])
+    for mode, source in ((REPLACE, per_entry), (FUSE, jnp.concatenate([per_entry, x], axis=1))):
+        k, v = heads(source @ p["to_k"]["kernel"]), heads(source @ p["to_v"]["kernel"])
+        mixed = jax.nn.dot_product_attention(q, k, v).reshape(x.shape)
+        expected = mixed @ p["to_out_0"]["kernel"] + p["to_out_0"]["bias"]
+        chex.assert_trees_all_close(_injected(module, variables, x, reference, mode), expected, atol=2e-5)
+
+
 def test_recording_covers_every_self_attention_layer_of_the_unet(tiny_pipe):
     unet, params = tiny_pipe.models.unet, tiny_pipe.params["unet"]
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16, 16))
@@ -87,11 +126,10 @@ def test_recording_covers_every_self_attention_layer_of_the_unet(tiny_pipe):
     chex.assert_trees_all_close(eps, unet_eps(unet, params, x, 501, text), atol=1e-5)
     for path, states in hidden.items():
         chex.assert_shape(states, (2, None, flatten_dict(params)[(*path, "to_q", "kernel")].shape[0]))
-    pairs = jnp.arange(2)
-    same = unet_eps_injected(unet, params, x, 501, text, hidden, pairs, FUSE)
+    same = unet_eps_injected(unet, params, x, 501, text, hidden, FUSE)
     chex.assert_trees_all_close(same, eps, atol=1e-4)
     swapped = {path: states[::-1] for path, states in hidden.items()}
-    assert not np.allclose(unet_eps_injected(unet, params, x, 501, text, swapped, pairs, REPLACE), eps, atol=1e-3)
+    assert not np.allclose(unet_eps_injected(unet, params, x, 501, text, swapped, REPLACE), eps, atol=1e-3)
 
 
 def test_adain_gives_target_channel_statistics():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import chex
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,6 +32,25 @@ def test_chain_layout(tiny_pipe, tiny_chain):
     reference = tiny_pipe.reference_pass(tiny_chain)
     assert reference.eps.shape == (STEPS, 4, size, size)
     assert all(h.shape[:2] == (STEPS, 2) for h in reference.hidden.values())
+
+
+def test_reference_pass_batches_equal_one_evaluation_per_step_and_context(tiny_pipe, exemplar):
+    """Any reference batch size (here padded: 5 steps x 2 contexts in batches of 4) gives the per-step features."""
+    from rival_jax import RivalPipeline
+    from rival_jax.attention import unet_eps_recording
+
+    chain = tiny_pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=5)
+    batched = RivalPipeline(tiny_pipe.models, reference_batch_size=4).reference_pass(chain)
+    single = RivalPipeline(tiny_pipe.models, reference_batch_size=1).reference_pass(chain)
+    chex.assert_trees_all_close(batched, single, atol=1e-5)
+    step = 2  # generation step j evaluates x_{T-j} at t_j
+    contexts = tiny_pipe.encode_prompt(["", "a photo of a cat"])
+    latent = jnp.broadcast_to(chain.latents[5 - step], (2, *chain.latents.shape[1:]))
+    eps, hidden = unet_eps_recording(
+        tiny_pipe.models.unet, tiny_pipe.params["unet"], latent, chain.timesteps[step], contexts
+    )
+    chex.assert_trees_all_close(batched.eps[step], eps[1], atol=1e-5)
+    chex.assert_trees_all_close({k: v[step] for k, v in batched.hidden.items()}, hidden, atol=1e-5)
 
 
 def test_null_inversion_has_one_reference_context(tiny_pipe, exemplar):
@@ -123,3 +144,42 @@ def test_resolution_dtype_and_attention_options(tiny_flax, exemplar):
         RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, attention="flash")
     with pytest.raises(RivalError, match="dtype"):
         RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="float8")
+    with pytest.raises(RivalError, match="needs bfloat16"):
+        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="float32", attention="cudnn")
+    with pytest.raises(RivalError, match="reference_batch_size"):
+        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, reference_batch_size=0)
+
+
+def test_bfloat16_changes_images_far_less_than_a_new_seed(tiny_flax, tiny_pipe, tiny_chain, exemplar):
+    from rival_jax import RivalPipeline
+
+    pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="bfloat16")
+    chain = pipe.invert(exemplar, prompt=tiny_chain.prompt, num_inference_steps=STEPS)
+    half = pipe.generate(chain, num_variations=2, seed=3, output_type="np").images
+    full = tiny_pipe.generate(tiny_chain, num_variations=2, seed=3, output_type="np").images
+    other_seed = tiny_pipe.generate(tiny_chain, num_variations=2, seed=4, output_type="np").images
+    bf16_error = np.abs(full - half).mean()
+    assert 0 < bf16_error < 0.05 and bf16_error < 0.25 * np.abs(full - other_seed).mean()
+
+
+def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
+    """XLA's buffer assignment: no step copies the whole chain or the reference features."""
+    import jax
+
+    size, width = tiny_pipe.latent_size, tiny_pipe.encode_prompt([""]).shape[1:]
+
+    def memory(steps):
+        def shaped(shape, dtype=jnp.float32):
+            return jax.ShapeDtypeStruct(shape, dtype)
+
+        chain, timesteps = shaped((steps + 1, 4, size, size)), shaped((steps,), jnp.int32)
+        unet = tiny_pipe.params["unet"]
+        reference = jax.eval_shape(tiny_pipe.program("reference_pass"), unet, chain, shaped((2, *width)), timesteps)
+        arguments = (unet, tiny_pipe.models.schedule, reference, chain, shaped((2, 4, size, size)))
+        arguments += (shaped((2, *width)), shaped((size, size), bool), RivalConfig().as_arrays(), timesteps)
+        analysis = jax.jit(tiny_pipe.program("generate")).lower(*arguments).compile().memory_analysis()
+        features = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(reference))
+        return analysis.temp_size_in_bytes, features
+
+    (temp_few, features_few), (temp_many, features_many) = memory(4), memory(40)
+    assert temp_many - temp_few < 0.1 * (features_many - features_few)

@@ -19,7 +19,7 @@ hands both stages to cuDNN flash attention through `jax.nn.dot_product_attention
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +31,7 @@ REFERENCE_COLLECTION = "intermediates"
 REFERENCE_NAME = "rival_reference"
 REPLACE, FUSE = "replace", "fuse"
 QUERY_BLOCK = 256
+KeyValues = tuple[jnp.ndarray, jnp.ndarray]
 
 
 def _is_self_attention(context: nn.module.InterceptorContext) -> bool:
@@ -72,12 +73,7 @@ def _grouped(x: jnp.ndarray, groups: int) -> jnp.ndarray:
     return x.reshape(groups, -1, *x.shape[2:])
 
 
-def _cross_image_block(
-    q: jnp.ndarray,
-    reference_kv: tuple[jnp.ndarray, jnp.ndarray],
-    own_kv: tuple[jnp.ndarray, jnp.ndarray] | None,
-    scale: float,
-) -> jnp.ndarray:
+def _cross_image_block(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
     """Queries q (G*n, T, H, d) over their group's reference keys/values (G, S, H, d), and their own if given."""
     out, lse = attend(_grouped(q, reference_kv[0].shape[0]), *reference_kv, scale)
     out, lse = out.reshape(q.shape), lse.reshape(q.shape[:3])
@@ -91,12 +87,7 @@ def _query_block(length: int) -> int:
     return max(size for size in range(1, min(length, QUERY_BLOCK) + 1) if length % size == 0)
 
 
-def _blockwise(
-    q: jnp.ndarray,
-    reference_kv: tuple[jnp.ndarray, jnp.ndarray],
-    own_kv: tuple[jnp.ndarray, jnp.ndarray] | None,
-    scale: float,
-) -> jnp.ndarray:
+def _blockwise(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
     """`_cross_image_block` over blocks of the query tokens, one block at a time."""
     batch, length, heads, dim = q.shape
     block = _query_block(length)
@@ -105,12 +96,7 @@ def _blockwise(
     return out.swapaxes(0, 1).reshape(q.shape)
 
 
-def _cudnn(
-    q: jnp.ndarray,
-    reference_kv: tuple[jnp.ndarray, jnp.ndarray],
-    own_kv: tuple[jnp.ndarray, jnp.ndarray] | None,
-    scale: float,
-) -> jnp.ndarray:
+def _cudnn(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
     """Both stages as one cuDNN flash attention call (fusion over the concatenated keys)."""
     groups = reference_kv[0].shape[0]
     if own_kv is None:
@@ -149,38 +135,33 @@ def cross_image_attention(
     return attention.dropout_layer(out, deterministic=True)
 
 
-@contextlib.contextmanager
-def inject_reference(
-    reference: dict[tuple[str, ...], jnp.ndarray],
-    mode: str,
-    implementation: str | None = None,
-) -> Iterator[None]:
-    """Within this context every attn1 runs `cross_image_attention` against `reference[its path]`."""
+def _replace_self_attention(
+    reference_of: Callable[[Any, jnp.ndarray], jnp.ndarray], mode: str, implementation: str | None
+) -> contextlib.AbstractContextManager:
+    """Intercept every attn1 and run `cross_image_attention` against `reference_of(layer, its input)`."""
 
     def interceptor(next_fun, args, kwargs, context):
         if not _is_self_attention(context):
             return next_fun(*args, **kwargs)
-        stored = reference[tuple(context.module.path)]
-        return cross_image_attention(context.module, args[0], stored, mode, implementation)
+        reference = reference_of(context.module, args[0])
+        return cross_image_attention(context.module, args[0], reference, mode, implementation)
 
-    with nn.intercept_methods(interceptor):
-        yield
+    return nn.intercept_methods(interceptor)
 
 
-@contextlib.contextmanager
-def own_reference(implementation: str | None = None) -> Iterator[None]:
+def inject_reference(
+    reference: dict[tuple[str, ...], jnp.ndarray], mode: str, implementation: str | None = None
+) -> contextlib.AbstractContextManager:
+    """Within this context every attn1 runs `cross_image_attention` against `reference[its path]`."""
+    return _replace_self_attention(lambda layer, _: reference[tuple(layer.path)], mode, implementation)
+
+
+def own_reference(implementation: str | None = None) -> contextlib.AbstractContextManager:
     """Within this context every attn1 attends to its own input through `cross_image_attention`.
 
     That is plain self-attention computed by the injected layers' kernel: a like-for-like baseline.
     """
-
-    def interceptor(next_fun, args, kwargs, context):
-        if not _is_self_attention(context):
-            return next_fun(*args, **kwargs)
-        return cross_image_attention(context.module, args[0], args[0], REPLACE, implementation)
-
-    with nn.intercept_methods(interceptor):
-        yield
+    return _replace_self_attention(lambda _, hidden: hidden, REPLACE, implementation)
 
 
 def unet_eps(unet: Any, params: Any, latents: jnp.ndarray, t: jnp.ndarray, text: jnp.ndarray) -> jnp.ndarray:

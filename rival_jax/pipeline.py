@@ -93,6 +93,8 @@ class RivalPipeline:
             raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
         if attention == "cudnn" and jnp.dtype(dtype).itemsize != 2:
             raise RivalError("attention 'cudnn' (flash attention) needs bfloat16: use dtype bfloat16 or attention xla")
+        if attention == "cudnn" and jax.default_backend() != "gpu":
+            raise RivalError("attention 'cudnn' needs an NVIDIA GPU: use attention xla on this machine")
         if not isinstance(reference_batch_size, int) or reference_batch_size < 1:
             raise RivalError(f"reference_batch_size={reference_batch_size!r} is out of range: use an integer >= 1")
         self.attention = attention

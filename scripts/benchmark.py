@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import sys
 import time
 from typing import Any
 
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rival_jax import RivalConfig, RivalPipeline
+from rival_jax import RivalConfig, RivalError, RivalPipeline
 from rival_jax.attention import own_reference, unet_eps
 from rival_jax.cli import bundled_exemplar
 from rival_jax.ddim import DDIMSchedule, ddim_step
@@ -99,6 +100,13 @@ def table(header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def counts(text: str) -> list[int]:
+    values = [int(value) for value in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="diffusers SD 1.x folder, hub id, or 'tiny'")
@@ -108,7 +116,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla", help="injected attention backend")
     parser.add_argument("--reference-batch-size", type=int, default=8, help="UNet batch of the reference pass")
-    parser.add_argument("--counts", default="1,4,16", help="numbers of variations N")
+    parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per program (fastest kept)")
@@ -153,7 +161,7 @@ def main() -> None:
     settings = RivalConfig(guidance_scale=args.guidance).as_arrays()
     region = jnp.ones((pipe.latent_size, pipe.latent_size), bool)
     rows, memory = [], []
-    for count in (int(c) for c in args.counts.split(",")):
+    for count in args.counts:
         noise = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (count, 4, pipe.latent_size, pipe.latent_size)))
         start = jax.device_put(pad_to(noise, count), batch_sharding(pipe.mesh))
         plain_args = (params, schedule, start, texts, timesteps)
@@ -206,4 +214,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RivalError as error:
+        sys.exit(f"benchmark: error: {error}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,6 +147,9 @@ def test_resolution_dtype_and_attention_options(tiny_flax, exemplar):
         RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="float8")
     with pytest.raises(RivalError, match="needs bfloat16"):
         RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="float32", attention="cudnn")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(RivalError, match="needs an NVIDIA GPU"):
+            RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="bfloat16", attention="cudnn")
     with pytest.raises(RivalError, match="reference_batch_size"):
         RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, reference_batch_size=0)
 
@@ -164,8 +168,6 @@ def test_bfloat16_changes_images_far_less_than_a_new_seed(tiny_flax, tiny_pipe, 
 
 def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
     """XLA's buffer assignment: no step copies the whole chain or the reference features."""
-    import jax
-
     size, width = tiny_pipe.latent_size, tiny_pipe.encode_prompt([""]).shape[1:]
 
     def memory(steps):

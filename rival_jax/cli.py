@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rival_jax.config import LATENT_INITS
+from rival_jax.config import LATENT_INITS, REFERENCE_BATCH_SIZE
 from rival_jax.errors import RivalError
 from rival_jax.settings import ROW_FIELDS, TASKS, generation_arguments, merge_settings, read_settings_file
 
@@ -23,7 +23,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "dtype": "auto",
     "resolution": None,
     "attention": "xla",
-    "reference_batch_size": 8,
+    "reference_batch_size": REFERENCE_BATCH_SIZE,
     "output": "rival-output",
     "cache_dir": None,
     "compile_cache": True,
@@ -79,7 +79,7 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
         "--reference-batch-size",
         type=int,
         default=suppress,
-        help="UNet batch of the exemplar's reference pass (default: 8; lower it to save memory)",
+        help=f"UNet batch of the exemplar's reference pass (default: {REFERENCE_BATCH_SIZE}; lower it to save memory)",
     )
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")

@@ -15,6 +15,8 @@ from rival_jax.errors import RivalError
 
 LatentInit = Literal["shuffle", "adaptive_gaussian", "exemplar"]
 LATENT_INITS: tuple[str, ...] = ("shuffle", "adaptive_gaussian", "exemplar")
+# UNet batch of the exemplar's reference pass: a memory/speed setting of the pipeline, not of the method.
+REFERENCE_BATCH_SIZE = 8
 
 
 @dataclasses.dataclass(frozen=True)

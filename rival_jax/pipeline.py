@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from rival_jax import images, parallel, progress
-from rival_jax.config import RivalConfig
+from rival_jax.config import REFERENCE_BATCH_SIZE, RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.inversion import invert
 from rival_jax.loading import LoadedModels, load_models
@@ -87,7 +87,7 @@ class RivalPipeline:
         dtype: jnp.dtype = jnp.float32,
         resolution: int | None = None,
         attention: str = "xla",
-        reference_batch_size: int = 8,
+        reference_batch_size: int = REFERENCE_BATCH_SIZE,
     ) -> None:
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
@@ -154,7 +154,7 @@ class RivalPipeline:
         cache_dir: Path | str | bool | None = True,
         resolution: int | None = None,
         attention: str = "xla",
-        reference_batch_size: int = 8,
+        reference_batch_size: int = REFERENCE_BATCH_SIZE,
     ) -> RivalPipeline:
         """Load a diffusers-format SD 1.x folder, a hub id, or "tiny" (the built-in random tiny model).
 

@@ -18,7 +18,7 @@ from flax import struct
 
 from rival_jax import progress
 from rival_jax.attention import FUSE, REPLACE, unet_eps, unet_eps_injected, unet_eps_recording
-from rival_jax.config import RivalConfig
+from rival_jax.config import REFERENCE_BATCH_SIZE, RivalConfig
 from rival_jax.ddim import DDIMSchedule, ddim_step
 
 ADAIN_EPS = 1e-5
@@ -46,7 +46,7 @@ def reference_pass(
     chain: jnp.ndarray,
     contexts: jnp.ndarray,
     timesteps: jnp.ndarray,
-    batch_size: int = 8,
+    batch_size: int = REFERENCE_BATCH_SIZE,
     report_progress: bool = False,
 ) -> ReferenceFeatures:
     """Evaluate the exemplar at every generation step j on its stored latent x_{T-j}, for every context.

@@ -29,6 +29,7 @@ import numpy as np
 from rival_jax import RivalConfig, RivalError, RivalPipeline
 from rival_jax.attention import own_reference, unet_eps
 from rival_jax.cli import bundled_exemplar
+from rival_jax.config import REFERENCE_BATCH_SIZE
 from rival_jax.ddim import DDIMSchedule, ddim_step
 from rival_jax.parallel import batch_sharding, pad_to
 from rival_jax.pipeline import resolve_dtype
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla", help="injected attention backend")
-    parser.add_argument("--reference-batch-size", type=int, default=8, help="UNet batch of the reference pass")
+    parser.add_argument("--reference-batch-size", type=int, default=REFERENCE_BATCH_SIZE, help="reference pass batch")
     parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
     parser.add_argument("--guidance", type=float, default=7.0)

@@ -125,8 +125,11 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = resolve_dtype(args.dtype)
-    options = {"resolution": args.resolution, "attention": args.attention}
-    options["reference_batch_size"] = args.reference_batch_size
+    options = {
+        "resolution": args.resolution,
+        "attention": args.attention,
+        "reference_batch_size": args.reference_batch_size,
+    }
     if args.sd15_random:
         pipe = RivalPipeline(random_sd15_models(dtype), dtype, **options)
     else:

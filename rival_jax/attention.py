@@ -97,7 +97,18 @@ def _blockwise(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None
 
 
 def _cudnn(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
-    """Both stages as one cuDNN flash attention call (fusion over the concatenated keys)."""
+    """Both stages as one cuDNN flash attention call (fusion over the concatenated keys).
+
+    A layer whose shape this GPU's cuDNN rejects at trace time (head dim 160 of SD 1.5's inner blocks
+    before Hopper) runs `_blockwise` instead, so the other layers keep flash attention.
+    """
+    try:
+        return _flash(q, reference_kv, own_kv, scale)
+    except NotImplementedError:
+        return _blockwise(q, reference_kv, own_kv, scale)
+
+
+def _flash(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
     groups = reference_kv[0].shape[0]
     if own_kv is None:
         out = jax.nn.dot_product_attention(_grouped(q, groups), *reference_kv, scale=scale, implementation="cudnn")

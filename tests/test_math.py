@@ -116,6 +116,21 @@ def test_blockwise_injection_equals_softmax_over_concatenated_keys(tokens):
         chex.assert_trees_all_close(_injected(module, variables, x, reference, mode), expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("mode", [REPLACE, FUSE])
+def test_cudnn_layer_with_a_rejected_shape_falls_back_to_blockwise(attention, mode, monkeypatch):
+    """cuDNN refuses some head dims at trace time (NotImplementedError); that layer must still be computed."""
+
+    def rejected(*args, **kwargs):
+        raise NotImplementedError("The head dim must be <= 128 and a multiple of 8")
+
+    module, params, x = attention
+    reference = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+    expected = _injected(module, params, x, reference, mode)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", rejected)
+    with inject_reference({("attn1",): reference}, mode, "cudnn"):
+        chex.assert_trees_all_close(module.apply(params, x), expected, atol=1e-6)
+
+
 def test_recording_covers_every_self_attention_layer_of_the_unet(tiny_pipe):
     unet, params = tiny_pipe.models.unet, tiny_pipe.params["unet"]
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16, 16))

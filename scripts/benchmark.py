@@ -101,11 +101,15 @@ def table(header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def counts(text: str) -> list[int]:
-    values = [int(value) for value in text.split(",")]
-    if min(values) < 1:
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
         raise ValueError(text)
-    return values
+    return value
+
+
+def counts(text: str) -> list[int]:
+    return [positive(value) for value in text.split(",")]
 
 
 def main() -> None:
@@ -120,8 +124,8 @@ def main() -> None:
     parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
     parser.add_argument("--guidance", type=float, default=7.0)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per program (fastest kept)")
-    parser.add_argument("--stages", action="store_true", help="also time each attention stage at the largest N")
+    parser.add_argument("--repeats", type=positive, default=2, help="timed runs per program (fastest kept)")
+    parser.add_argument("--stages", action="store_true", help="also time each attention stage at the last N")
     args = parser.parse_args()
 
     dtype = resolve_dtype(args.dtype)
@@ -178,16 +182,16 @@ def main() -> None:
         for _ in range(args.repeats):
             for program in (*plains, generation):
                 program.run()
-        per_variation = (inversion.seconds + reference_program.seconds + generation.seconds) / count
+        rival_seconds = inversion.seconds + reference_program.seconds + generation.seconds
         plain_seconds = [program.seconds for program in plains]
         rows.append(
             (
                 count,
-                per_variation * count / plain_seconds[0],
-                per_variation * count / plain_seconds[1],
+                rival_seconds / plain_seconds[0],
+                rival_seconds / plain_seconds[1],
                 (args.steps + reference_evals + 2 * args.steps * count) / count,
                 2 * args.steps,
-                per_variation,
+                rival_seconds / count,
                 generation.seconds,
                 *plain_seconds,
                 generation.compile_seconds,

@@ -73,6 +73,16 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
     return dtype
 
 
+def check_attention(attention: str, dtype: jnp.dtype) -> None:
+    """Raise a one-line RivalError unless the injected-attention backend can run with this dtype here."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if attention == "cudnn" and jnp.dtype(dtype).itemsize != 2:
+        raise RivalError("attention 'cudnn' (flash attention) needs bfloat16: use dtype bfloat16 or attention xla")
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        raise RivalError("attention 'cudnn' needs an NVIDIA GPU: use attention xla on this machine")
+
+
 class RivalPipeline:
     """RIVAL on a Flax Stable Diffusion 1.x checkpoint.
 
@@ -89,12 +99,7 @@ class RivalPipeline:
         attention: str = "xla",
         reference_batch_size: int = REFERENCE_BATCH_SIZE,
     ) -> None:
-        if attention not in ATTENTION_IMPLEMENTATIONS:
-            raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
-        if attention == "cudnn" and jnp.dtype(dtype).itemsize != 2:
-            raise RivalError("attention 'cudnn' (flash attention) needs bfloat16: use dtype bfloat16 or attention xla")
-        if attention == "cudnn" and jax.default_backend() != "gpu":
-            raise RivalError("attention 'cudnn' needs an NVIDIA GPU: use attention xla on this machine")
+        check_attention(attention, dtype)
         if not isinstance(reference_batch_size, int) or reference_batch_size < 1:
             raise RivalError(f"reference_batch_size={reference_batch_size!r} is out of range: use an integer >= 1")
         self.attention = attention

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from benchmark import Program  # scripts/benchmark.py, beside this file
 from diffusers.models.attention_flax import FlaxAttention
 
 from rival_jax import RivalError
@@ -79,12 +79,10 @@ def main() -> None:
             with context():
                 return module.apply(p, x)
 
-        compiled = jax.jit(layer).lower(params, hidden).compile()
-        seconds = float("inf")
+        program = Program(layer, params, hidden)
         for _ in range(args.repeats):
-            clock = time.perf_counter()
-            jax.block_until_ready(compiled(params, hidden))
-            seconds = min(seconds, time.perf_counter() - clock)
+            program.run()
+        seconds = program.seconds
         baseline = baseline or seconds
         print(f"{name:>32} | {1000 * seconds:9.1f} ms | {seconds / baseline:.2f}x")
 

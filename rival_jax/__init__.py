@@ -2,6 +2,8 @@
 
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
-from rival_jax.pipeline import InversionChain, RivalOutput, RivalPipeline
+from rival_jax.options import RunOptions
+from rival_jax.outputs import InversionChain, RivalOutput
+from rival_jax.pipeline import RivalPipeline
 
-__all__ = ["InversionChain", "RivalConfig", "RivalError", "RivalOutput", "RivalPipeline"]
+__all__ = ["InversionChain", "RivalConfig", "RivalError", "RivalOutput", "RivalPipeline", "RunOptions"]

@@ -167,38 +167,31 @@ def inject_reference(
     return _replace_self_attention(lambda layer, _: reference[tuple(layer.path)], mode, implementation)
 
 
+def inject_from_batch(
+    leading: int, group_reference: jnp.ndarray, mode: str, implementation: str | None = None
+) -> contextlib.AbstractContextManager:
+    """Within this context every attn1 treats the first `leading` batch entries as the exemplar's.
+
+    Those entries attend to themselves as usual; every other entry runs `cross_image_attention`
+    against exemplar entry `group_reference[g]` for its group g (the authors' layout: the exemplar
+    is recomputed in the same UNet batch instead of read from stored features).
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        if not _is_self_attention(context):
+            return next_fun(*args, **kwargs)
+        hidden = args[0]
+        exemplar, own = hidden[:leading], hidden[leading:]
+        exemplar_out = next_fun(exemplar, *args[1:], **kwargs)
+        own_out = cross_image_attention(context.module, own, exemplar[group_reference], mode, implementation)
+        return jnp.concatenate([exemplar_out, own_out.astype(exemplar_out.dtype)], axis=0)
+
+    return nn.intercept_methods(interceptor)
+
+
 def own_reference(implementation: str | None = None) -> contextlib.AbstractContextManager:
     """Within this context every attn1 attends to its own input through `cross_image_attention`.
 
     That is plain self-attention computed by the injected layers' kernel: a like-for-like baseline.
     """
     return _replace_self_attention(lambda _, hidden: hidden, REPLACE, implementation)
-
-
-def unet_eps(unet: Any, params: Any, latents: jnp.ndarray, t: jnp.ndarray, text: jnp.ndarray) -> jnp.ndarray:
-    """Noise prediction of the Flax UNet, NCHW in and out; t is a scalar or one timestep per entry."""
-    return unet.apply({"params": params}, latents, t, text).sample
-
-
-def unet_eps_recording(
-    unet: Any, params: Any, latents: jnp.ndarray, t: jnp.ndarray, text: jnp.ndarray
-) -> tuple[jnp.ndarray, dict[tuple[str, ...], jnp.ndarray]]:
-    """Noise prediction and, per self-attention layer, the hidden states that entered it."""
-    with record_reference():
-        out, state = unet.apply({"params": params}, latents, t, text, mutable=[REFERENCE_COLLECTION])
-    return out.sample, reference_layers(state[REFERENCE_COLLECTION])
-
-
-def unet_eps_injected(
-    unet: Any,
-    params: Any,
-    latents: jnp.ndarray,
-    t: jnp.ndarray,
-    text: jnp.ndarray,
-    reference: dict[tuple[str, ...], jnp.ndarray],
-    mode: str,
-    implementation: str | None = None,
-) -> jnp.ndarray:
-    """Noise prediction with cross-image self-attention against `reference` (see `inject_reference`)."""
-    with inject_reference(reference, mode, implementation):
-        return unet_eps(unet, params, latents, t, text)

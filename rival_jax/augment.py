@@ -24,12 +24,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from rival_jax import images
 from rival_jax.errors import RivalError
-from rival_jax.parallel import process_share
+from rival_jax.jobs import load_pipeline, log, prepare_runtime, read_exemplar, show_progress
+from rival_jax.options import RunOptions
+from rival_jax.parallel import initialize_distributed, process_share
+from rival_jax.progress import CompileTimer
 from rival_jax.settings import ROW_FIELDS, generation_arguments, merge_settings, parse_text_value
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -171,7 +173,7 @@ def run_augment(
     process_count: int = 1,
     problems: list[str] | tuple[str, ...] = (),
     show_progress: bool = True,
-    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    log: Callable[[str], None] = log,
 ) -> Summary:
     """Generate every missing (row, variation) of this process's share into `output`.
 
@@ -209,8 +211,7 @@ def run_augment(
         for number, indices in todo.items():
             row = by_number[number]
             try:
-                exemplar = images.as_rgb(images.open_image(row.image), f"exemplar {row.image}")
-                mask = images.open_mask(row.settings["mask"], exemplar.size) if row.settings["mask"] else None
+                exemplar, mask = read_exemplar(row.image, row.settings["mask"])
             except RivalError as error:
                 summary.skipped_rows += 1
                 summary.problems.append(f"row {number} skipped: {error}")
@@ -244,13 +245,51 @@ def _record(row: Row, index: int, adopted: bool = False) -> dict[str, Any]:
 def _generate_row(pipe, row, exemplar, mask, indices, batch_size, image_dir, records, bar) -> None:
     settings = row.settings
     chain = pipe.invert(exemplar, settings["inversion_prompt"], settings["steps"])
-    region = None if mask is None else np.asarray(images.square_resize(mask, pipe.resolution))
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         out = pipe.generate(
-            chain, **generation_arguments(settings), mask=region, variation_indices=chunk, batch_size=batch_size
+            chain, **generation_arguments(settings), mask=mask, variation_indices=chunk, batch_size=batch_size
         )
         for index, image in zip(chunk, out.images, strict=True):
             images.save_png(image, image_dir / row.file_name(index), {"key": row.key, "variation_index": index})
             records.append(_record(row, index))
             bar.update(1)
+
+
+def run_augment_job(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> int:
+    """`rival-jax augment`: this process's share of a manifest or image folder, resumable.
+
+    Args:
+        job: `jobs.JOB_DEFAULTS` keys plus "source", "batch_size" and the multi-host options
+            ("coordinator", "num_processes", "process_id", "distributed").
+        options: the pipeline's run options.
+        row: settings every row starts from (a manifest row overrides them).
+
+    >>> run_augment_job({**JOB_DEFAULTS, "source": "photos/", "batch_size": 8, ...}, RunOptions(), {})
+    """
+    merge_settings(row)
+    if job["batch_size"] < 1:
+        raise RivalError(f"--batch-size {job['batch_size']} is out of range: use an integer >= 1")
+    process_index, process_count = 0, 1
+    if job["coordinator"] or job["distributed"]:
+        process_index, process_count = initialize_distributed(
+            job["coordinator"], job["num_processes"], job["process_id"]
+        )
+        log(f"process {process_index} of {process_count}")
+    rows, problems = read_rows(job["source"], row, str(job["model"]))
+    prepare_runtime(job)
+    with CompileTimer() as compiling:
+        pipe = load_pipeline(job, options)
+        summary = run_augment(
+            pipe,
+            rows,
+            job["output"],
+            batch_size=job["batch_size"],
+            process_index=process_index,
+            process_count=process_count,
+            problems=problems,
+            show_progress=show_progress(job),
+        )
+    log(f"{summary.line()}; compile {compiling.seconds:.1f} s")
+    print(Path(job["output"]))
+    return 0

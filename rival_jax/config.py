@@ -15,15 +15,13 @@ from rival_jax.errors import RivalError
 
 LatentInit = Literal["shuffle", "adaptive_gaussian", "exemplar"]
 LATENT_INITS: tuple[str, ...] = ("shuffle", "adaptive_gaussian", "exemplar")
-# UNet batch of the exemplar's reference pass: a memory/speed setting of the pipeline, not of the method.
-REFERENCE_BATCH_SIZE = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class RivalConfig:
     """How the generation chain is aligned to the exemplar's inversion chain.
 
-    Timesteps are on the scheduler's 0..999 scale. Paper meaning (ALGORITHM.md section 3):
+    Timesteps are on the scheduler's 0..999 scale. Paper meaning (docs/method.md):
 
     - `guidance_scale`: classifier-free guidance m on the generated images only.
     - `t_align`: cross-image attention uses the exemplar's keys/values alone while t > t_align

@@ -15,23 +15,25 @@ from flax import struct
 from rival_jax.errors import RivalError
 
 DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @struct.dataclass
 class DDIMSchedule:
-    """abar(t) for every training timestep, and abar used for 'before t = 0'."""
+    """abar(t) for every training timestep, abar used for 'before t = 0', and what the UNet predicts."""
 
     alphas_cumprod: jnp.ndarray
     final_alpha_cumprod: jnp.ndarray
     num_train_timesteps: int = struct.field(pytree_node=False)
+    prediction_type: str = struct.field(pytree_node=False, default="epsilon")
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> DDIMSchedule:
         prediction = config.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
+        if prediction not in PREDICTION_TYPES:
             raise RivalError(
-                f"scheduler prediction_type={prediction!r} is not supported: RIVAL needs an "
-                "epsilon-prediction SD 1.x checkpoint"
+                f"scheduler prediction_type={prediction!r} is not supported: use a checkpoint that predicts "
+                f"{' or '.join(PREDICTION_TYPES)} (SD 1.x, SD 2.x, SDXL)"
             )
         settings = {k: v for k, v in config.items() if not k.startswith("_")} | DDIM_OVERRIDES
         scheduler = FlaxDDIMScheduler.from_config(settings)
@@ -40,6 +42,7 @@ class DDIMSchedule:
             alphas_cumprod=state.common.alphas_cumprod,
             final_alpha_cumprod=state.final_alpha_cumprod,
             num_train_timesteps=scheduler.config.num_train_timesteps,
+            prediction_type=prediction,
         )
 
     def timesteps(self, num_inference_steps: int) -> np.ndarray:
@@ -57,6 +60,15 @@ class DDIMSchedule:
     def alpha(self, t: jnp.ndarray) -> jnp.ndarray:
         """abar(t), with abar(0) standing in for any t < 0 (`set_alpha_to_one=False`)."""
         return jnp.where(t >= 0, self.alphas_cumprod[jnp.maximum(t, 0)], self.final_alpha_cumprod)
+
+    def epsilon(self, output: jnp.ndarray, x: jnp.ndarray, alpha: jnp.ndarray) -> jnp.ndarray:
+        """The UNet's output on latents x at noise level abar=alpha, as a noise prediction.
+
+        v-prediction: eps = sqrt(abar) v + sqrt(1 - abar) x, with the abar of the latent being stepped.
+        """
+        if self.prediction_type == "epsilon":
+            return output
+        return jnp.sqrt(alpha) * output + jnp.sqrt(1.0 - alpha) * x
 
 
 def ddim_step(x: jnp.ndarray, eps: jnp.ndarray, alpha_from: jnp.ndarray, alpha_to: jnp.ndarray) -> jnp.ndarray:

@@ -16,6 +16,10 @@ from PIL.PngImagePlugin import PngInfo
 from rival_jax.errors import RivalError
 
 
+# Relative (log) difference of aspect ratios under which a larger processed size is preferred.
+ASPECT_TOLERANCE = 0.02
+
+
 def open_image(path: str | os.PathLike, what: str = "exemplar") -> Image.Image:
     """Open an image file fully, with one-line errors for a missing or unreadable file."""
     path = Path(path)
@@ -42,30 +46,63 @@ def as_rgb(image: Image.Image, name: str = "exemplar") -> Image.Image:
     return image
 
 
-def square_resize(image: Image.Image, resolution: int) -> Image.Image:
-    """Centre-crop to a square and resize to resolution x resolution (ALGORITHM.md section 1)."""
-    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+def target_size(
+    image_size: tuple[int, int], size: int | tuple[int, int] | None, default_side: int, multiple: int, square: bool
+) -> tuple[int, int]:
+    """(W, H) the exemplar is processed at (docs/method.md, "Geometry").
+
+    `size` None or W is a pixel budget (default_side^2 or W^2) and sides are multiples of `multiple`:
+    the largest such size within the budget whose aspect ratio is within `ASPECT_TOLERANCE` of the
+    image's (1:1 with `square`), else the one nearest in aspect ratio. (W, H) is taken as is.
+    """
+    if isinstance(size, tuple):
+        width, height = size
+        if width % multiple or height % multiple:
+            raise RivalError(
+                f"resolution {width}x{height} is not supported: use sides that are multiples of {multiple}"
+            )
+        return width, height
+    budget = (size or default_side) ** 2
+    aspect = 1.0 if square else image_size[0] / image_size[1]
+    candidates = {(multiple, multiple)}
+    for height in range(multiple, budget // multiple + 1, multiple):
+        ideal = height * aspect / multiple
+        for width in {max(1, int(ideal)) * multiple, (int(ideal) + 1) * multiple}:
+            if width * height <= budget:
+                candidates.add((width, height))
+
+    def preference(candidate: tuple[int, int]) -> tuple[bool, float]:
+        error = abs(np.log(candidate[0] / candidate[1] / aspect))
+        close = bool(error <= ASPECT_TOLERANCE)
+        return close, candidate[0] * candidate[1] if close else -error
+
+    return max(candidates, key=preference)
 
 
-def exemplar_array(image: Any, resolution: int) -> np.ndarray:
-    """A path, PIL image or uint8 (H, W, 3) array to the preprocessed exemplar (res, res, 3) uint8."""
+def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Centre-crop to the aspect ratio of `size` (W, H) and resize to it; masks go through the same."""
+    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def rgb_image(image: Any) -> Image.Image:
+    """A path, PIL image or uint8 (H, W, 3) array as an RGB PIL image, with one-line errors."""
     if isinstance(image, (str, os.PathLike)):
-        image = as_rgb(open_image(image), f"exemplar {image}")
+        return as_rgb(open_image(image), f"exemplar {image}")
     if isinstance(image, Image.Image):
-        return np.asarray(square_resize(as_rgb(image), resolution))
+        return as_rgb(image)
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
         raise RivalError(
             f"exemplar array has shape {array.shape} and dtype {array.dtype}: "
             "pass uint8 (H, W, 3) RGB, a PIL image or a path"
         )
-    return np.asarray(square_resize(Image.fromarray(array), resolution))
+    return Image.fromarray(array)
 
 
 def open_mask(path: str | os.PathLike, exemplar_size: tuple[int, int]) -> Image.Image:
     """Read a mask drawn on the exemplar (white = regenerate) as grayscale; it must match the exemplar's size.
 
-    Crop and resize it with `square_resize`, like the exemplar.
+    The pipeline crops and resizes it with `fit`, like the exemplar.
     """
     image = open_image(path, "mask")
     if image.size != exemplar_size:
@@ -76,20 +113,32 @@ def open_mask(path: str | os.PathLike, exemplar_size: tuple[int, int]) -> Image.
     return image.convert("L")
 
 
-def mask_region(mask: Any, resolution: int, latent_size: int) -> np.ndarray:
-    """A mask (res x res or latent size; white/True/1 = regenerate) to a boolean latent-grid region."""
-    array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask)
+def mask_region(mask: Any, source_size: tuple[int, int], size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """A mask (white/True/1 = regenerate) to a boolean latent-grid region (h, w).
+
+    A PIL mask is at the exemplar's original size `source_size` (W, H) and goes through `fit` like
+    the exemplar; an array is at the processed size `size` (W, H) or at the latent `grid` (h, w).
+    """
+    if isinstance(mask, Image.Image):
+        if mask.size != tuple(source_size):
+            raise RivalError(
+                f"mask is {mask.size[0]}x{mask.size[1]} but the exemplar is {source_size[0]}x{source_size[1]}: "
+                "draw the mask at the exemplar's size"
+            )
+        mask = fit(mask.convert("L"), tuple(size))
+    array = np.asarray(mask)
     if array.ndim == 3:
         array = array.mean(axis=-1)
-    if array.shape not in ((resolution, resolution), (latent_size, latent_size)):
+    height, width = grid
+    if array.shape not in ((size[1], size[0]), (height, width)):
         raise RivalError(
-            f"mask has shape {array.shape}: use {resolution}x{resolution} (the exemplar after cropping "
-            f"and resizing) or {latent_size}x{latent_size} (the latent grid)"
+            f"mask has shape {array.shape}: use {size[1]}x{size[0]} (rows x columns, the exemplar after "
+            f"resizing), {height}x{width} (the latent grid), or a PIL image at the exemplar's size"
         )
     scale = 255.0 if array.dtype == np.uint8 else 1.0
     values = array.astype(np.float32) / scale
-    factor = array.shape[0] // latent_size
-    pooled = values.reshape(latent_size, factor, latent_size, factor).mean(axis=(1, 3))
+    factor = array.shape[0] // height
+    pooled = values.reshape(height, factor, width, factor).mean(axis=(1, 3))
     region = pooled >= 0.5
     if not region.any():
         raise RivalError("mask marks no region to regenerate: paint the area to repaint white")

@@ -1,4 +1,4 @@
-"""DDIM inversion of the exemplar latent: the reference chain x_0 .. x_T (ALGORITHM.md section 2)."""
+"""DDIM inversion of the exemplar latent: the reference chain x_0 .. x_T (docs/method.md, inversion)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from rival_jax import progress
-from rival_jax.attention import unet_eps
 from rival_jax.ddim import DDIMSchedule, ddim_step
+from rival_jax.unet import Conditioning, unet_output
 
 
 def invert(
@@ -17,22 +17,27 @@ def invert(
     params: Any,
     schedule: DDIMSchedule,
     x0: jnp.ndarray,
-    text: jnp.ndarray,
+    cond: Conditioning,
     timesteps: jnp.ndarray,
     report_progress: bool = False,
 ) -> jnp.ndarray:
-    """Run DDIM backwards from x0 (4, h, w) with the text embedding `text` (1, L, D), no guidance.
+    """Run DDIM backwards from x0 (4, h, w) conditioned on `cond` (one entry), no guidance.
 
     `timesteps` is the generation order (descending); inversion walks it upwards. Step i evaluates
-    the UNet at t on the latent at s = t - stride. Returns the chain (T+1, 4, h, w), x_0 first.
-    `report_progress` (static) ticks `progress` every step.
+    the UNet at t on the latent at s = t - stride; a v-prediction is turned into noise with abar(s),
+    the level of that latent. Returns the chain (T+1, 4, h, w), x_0 first. `report_progress`
+    (static) ticks `progress` every step.
+
+    >>> chain = invert(unet, params["unet"], schedule, x0, cond, jnp.asarray(schedule.timesteps(50)))
     """
     ascending = timesteps[::-1]
     stride = schedule.stride(timesteps.shape[0])
 
     def step(x: jnp.ndarray, t: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        eps = unet_eps(unet, params, x[None], t, text)[0].astype(jnp.float32)
-        x_next = ddim_step(x, eps, schedule.alpha(t - stride), schedule.alpha(t))
+        alpha_from = schedule.alpha(t - stride)
+        output = unet_output(unet, params, x[None], t, cond)[0].astype(jnp.float32)
+        eps = schedule.epsilon(output, x, alpha_from)
+        x_next = ddim_step(x, eps, alpha_from, schedule.alpha(t))
         if report_progress:
             progress.tick(t)
         return x_next, x_next

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -43,10 +45,36 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA))
 
 
-def over_variations(fn: Callable[..., Any], mesh: Mesh, num_args: int, batch_arg: int) -> Callable[..., Any]:
-    """Run `fn` per device on its slice of argument `batch_arg` (axis 0); other arguments replicated."""
-    in_specs = tuple(PartitionSpec(DATA) if i == batch_arg else PartitionSpec() for i in range(num_args))
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(DATA), check_vma=False)
+def split_per_variation(inputs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A struct's fields named in its `PER_VARIATION` and the rest, as two dicts of field name -> value."""
+    fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
+    per_variation = {name: fields.pop(name) for name in inputs.PER_VARIATION}
+    return per_variation, fields
+
+
+def over_variations(fn: Callable[[Any, Any], Any], mesh: Mesh, inputs_type: type) -> Callable[..., Any]:
+    """`fn(params, inputs)` per device on its slice of the inputs' `PER_VARIATION` fields (axis 0).
+
+    The returned function takes `(params, per_variation, shared)` from `split_per_variation`, so a
+    `jit` around it can donate the per-variation fields alone; params and shared fields are replicated.
+    """
+
+    def run(params: Any, per_variation: dict[str, Any], shared: dict[str, Any]) -> Any:
+        return fn(params, inputs_type(**per_variation, **shared))
+
+    specs = (PartitionSpec(), PartitionSpec(DATA), PartitionSpec())
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(DATA), check_vma=False)
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one local device: the accelerator's allocator limit, or the host's RAM on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def initialize_distributed(

@@ -1,211 +1,181 @@
-"""`RivalPipeline`: one object, diffusers-style, that holds the models and runs RIVAL.
+"""`RivalPipeline`: one object, diffusers-style, that holds a checkpoint and runs RIVAL on it.
 
-It owns the compiled programs (one each for encoding, inversion, the reference pass, start latents,
-aligned generation and decoding) and turns user input into arrays; the math lives in pure functions
-(`inversion`, `sampler`, `attention`) that take the params pytree explicitly.
+It turns user input (images, prompts, masks, seeds) into arrays and structs, and runs the compiled
+programs of the pure core (`inversion.invert`, `reference.reference_pass`, `sampler.aligned_generate`
+spread over devices by `parallel`), each compiled once per shape and kept.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from rival_jax import images, parallel, progress
-from rival_jax.config import REFERENCE_BATCH_SIZE, RivalConfig
+from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.inversion import invert
 from rival_jax.loading import LoadedModels, load_models
-from rival_jax.sampler import ReferenceFeatures, aligned_generate, reference_batches, reference_pass, start_latents
+from rival_jax.options import RunOptions, check_attention, resolve_dtype
+from rival_jax.outputs import InversionChain, RivalOutput
+from rival_jax.prompts import PromptEncoder
+from rival_jax.reference import (
+    ReferenceFeatures,
+    choose_reference_mode,
+    feature_bytes,
+    reference_batches,
+    reference_pass,
+)
+from rival_jax.sampler import GenerationInputs, aligned_generate, start_latents
+from rival_jax.unet import Conditioning
 
 OutputType = Literal["pil", "np", "latent"]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-
-
-@dataclasses.dataclass
-class InversionChain:
-    """An exemplar's DDIM inversion chain and what made it.
-
-    latents: (T+1, 4, h, w), x_0 (the encoded exemplar) first, x_T last.
-    reference: the exemplar's per-step features; `RivalPipeline.generate` fills it on first use and
-        every later call with this chain reuses it.
-    """
-
-    latents: jax.Array
-    timesteps: np.ndarray
-    prompt: str
-    image: np.ndarray
-    reference: ReferenceFeatures | None = None
-
-    @property
-    def num_inference_steps(self) -> int:
-        return int(self.timesteps.shape[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class RivalOutput:
-    """Generated variations: `images` per `output_type`, plus the latents and the indices that seed them."""
-
-    images: Any
-    latents: np.ndarray
-    start_latents: np.ndarray
-    indices: np.ndarray
-    seed: int
-
-
-def resolve_dtype(dtype: Any) -> jnp.dtype:
-    """ "auto" is float32 on CPU and bfloat16 on accelerators; names or JAX dtypes pass through."""
-    if dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise RivalError(f"dtype {dtype!r} is not supported: use auto, {' or '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
-
-
-def check_attention(attention: str, dtype: jnp.dtype) -> None:
-    """Raise a one-line RivalError unless the injected-attention backend can run with this dtype here."""
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
-    if attention == "cudnn" and jnp.dtype(dtype).itemsize != 2:
-        raise RivalError("attention 'cudnn' (flash attention) needs bfloat16: use dtype bfloat16 or attention xla")
-    if attention == "cudnn" and jax.default_backend() != "gpu":
-        raise RivalError("attention 'cudnn' needs an NVIDIA GPU: use attention xla on this machine")
+# Built-in random checkpoints by name, and their family.
+TINY_MODELS = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
 
 class RivalPipeline:
-    """RIVAL on a Flax Stable Diffusion 1.x checkpoint.
+    """RIVAL on a Flax Stable Diffusion checkpoint: SD 1.x, SD 2.x (epsilon or v-prediction) or SDXL.
 
-    >>> pipe = RivalPipeline.from_pretrained("tiny")
+    Args:
+        models: a loaded checkpoint (`loading.load_models`), its params in `options.dtype`.
+        options: run options (dtype, resolution, attention kernel, reference mode, ...).
+
+    >>> pipe = RivalPipeline.from_pretrained("tiny-sdxl")
     >>> chain = pipe.invert("exemplar.png", prompt="a photo of a cat", num_inference_steps=50)
     >>> out = pipe.generate(chain, num_variations=4, seed=0)
+    >>> out.images[0].save("variation.png")
     """
 
-    def __init__(
-        self,
-        models: LoadedModels,
-        dtype: jnp.dtype = jnp.float32,
-        resolution: int | None = None,
-        attention: str = "xla",
-        reference_batch_size: int = REFERENCE_BATCH_SIZE,
-    ) -> None:
-        check_attention(attention, dtype)
-        if not isinstance(reference_batch_size, int) or reference_batch_size < 1:
-            raise RivalError(f"reference_batch_size={reference_batch_size!r} is out of range: use an integer >= 1")
-        self.attention = attention
-        self.reference_batch_size = reference_batch_size
-        self.models = models
-        self.dtype = dtype
-        self.params = models.params
+    def __init__(self, models: LoadedModels, options: RunOptions | None = None) -> None:
+        self.options = options or RunOptions()
+        self.dtype = resolve_dtype(self.options.dtype)
+        check_attention(self.options.attention, self.dtype)
+        self.models, self.params = models, models.params
         unet, vae = models.unet, models.vae
         self.vae_scale = float(vae.config.scaling_factor)
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        multiple = vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        self.resolution = resolution or int(unet.config.sample_size) * vae_factor
-        if not isinstance(self.resolution, int) or self.resolution < multiple or self.resolution % multiple:
-            raise RivalError(f"resolution {resolution!r} is not supported: use a multiple of {multiple}")
-        self.latent_size = self.resolution // vae_factor
+        self.vae_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.default_side = int(unet.config.sample_size) * self.vae_factor
+        if isinstance(self.options.size, tuple):
+            self.image_size(self.options.size)  # an exact size must suit the UNet: checked before any work
         self.mesh = parallel.local_mesh()
+        self.prompts = PromptEncoder(models)
         self._start_latents = jax.jit(start_latents, static_argnames="config")
         self._encode = jax.jit(self._encode_fn)
         self._decode = jax.jit(self._decode_fn)
-        self._text = jax.jit(lambda ids, params: models.text_encoder(ids, params=params)[0])
         self._executables: dict[tuple, Any] = {}
-
-    def program(self, name: str, report_progress: bool = False) -> Any:
-        """The jit-able program `name` of the UNet, with or without per-step progress callbacks."""
-        unet = self.models.unet
-        if name == "invert":
-            return functools.partial(invert, unet, report_progress=report_progress)
-        if name == "reference_pass":
-            return functools.partial(
-                reference_pass, unet, batch_size=self.reference_batch_size, report_progress=report_progress
-            )
-        generate = functools.partial(
-            aligned_generate, unet, report_progress=report_progress, attention_implementation=self.attention
-        )
-        return parallel.over_variations(generate, self.mesh, num_args=9, batch_arg=4)
-
-    def _run(self, name: str, steps: int, show_progress: bool, *args: Any) -> Any:
-        """Compile program `name` for these argument shapes once (kept), then run it, with a step bar if asked.
-
-        Compiling ahead of the run keeps compile time out of the step timings the bar shows.
-        """
-        leaves, structure = jax.tree_util.tree_flatten(args)
-        shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
-        signature = (name, show_progress, structure, shapes)
-        if signature not in self._executables:
-            donate = (4,) if name == "generate" else ()  # the padded start latents, made for this call
-            program = jax.jit(self.program(name, show_progress), donate_argnums=donate)
-            self._executables[signature] = program.lower(*args).compile()
-        with progress.progress_bar(name.replace("_", " "), steps, show_progress):
-            return jax.block_until_ready(self._executables[signature](*args))
+        self._feature_bytes: dict[tuple, int] = {}
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike,
-        dtype: Any = "auto",
+        options: RunOptions | None = None,
         cache_dir: Path | str | bool | None = True,
-        resolution: int | None = None,
-        attention: str = "xla",
-        reference_batch_size: int = REFERENCE_BATCH_SIZE,
+        **option_values: Any,
     ) -> RivalPipeline:
-        """Load a diffusers-format SD 1.x folder, a hub id, or "tiny" (the built-in random tiny model).
+        """Load a diffusers-format folder, a hub id, or a built-in random model ("tiny", "tiny-sd2", "tiny-sdxl").
 
-        `cache_dir`: where converted safetensors params are cached (True = default folder, None = off).
-        `resolution`: image size in pixels (default: the UNet's sample size times the VAE factor).
-        `dtype`: "auto" (float32 on CPU, bfloat16 on GPU/TPU), "float32", "bfloat16" or a JAX dtype.
-        `attention`: backend of the injected self-attention, "xla" or "cudnn" (NVIDIA flash attention).
-        `reference_batch_size`: UNet batch of the exemplar's reference pass (memory against speed).
+        Args:
+            name_or_path: the checkpoint.
+            options: run options; `option_values` (any `RunOptions` field, e.g. dtype="bfloat16",
+                resolution="768x512", reference_mode="recompute") override them.
+            cache_dir: where converted safetensors params are cached (True = default folder, None = off).
+
+        >>> pipe = RivalPipeline.from_pretrained("/models/stable-diffusion-2-1", resolution=640)
         """
         from rival_jax.random_models import tiny_checkpoint
 
-        dtype = resolve_dtype(dtype)
-        if str(name_or_path) == "tiny" and not Path("tiny").exists():
+        options = (options or RunOptions()).replace(**option_values)
+        name = str(name_or_path)
+        if name in TINY_MODELS and not Path(name).exists():
             tiny_cache = None if isinstance(cache_dir, bool) or cache_dir is None else Path(cache_dir)
-            name_or_path = tiny_checkpoint(cache_dir=tiny_cache)
-        models = load_models(name_or_path, dtype=dtype, cache_dir=cache_dir)
-        return cls(models, dtype, resolution, attention, reference_batch_size)
+            name_or_path = tiny_checkpoint(cache_dir=tiny_cache, family=TINY_MODELS[name])
+        models = load_models(
+            name_or_path, dtype=resolve_dtype(options.dtype), cache_dir=cache_dir, variant=options.variant
+        )
+        return cls(models, options)
 
     @property
     def random_weights(self) -> bool:
-        """True for the built-in tiny model: random weights, its images are noise."""
+        """True for the built-in tiny models: random weights, their images are noise."""
         return self.models.random_weights
+
+    def inversion_program(self, report_progress: bool = False) -> Callable[..., jax.Array]:
+        """`invert` on this UNet: (params, schedule, x0, cond, timesteps) -> chain."""
+        return functools.partial(invert, self.models.unet, report_progress=report_progress)
+
+    def reference_program(self, report_progress: bool = False) -> Callable[..., ReferenceFeatures]:
+        """`reference_pass` on this UNet: (params, schedule, chain, contexts, timesteps) -> features."""
+        batch = self.options.reference_batch_size
+        return functools.partial(reference_pass, self.models.unet, batch_size=batch, report_progress=report_progress)
+
+    def generation_program(self, report_progress: bool = False) -> Callable[..., jax.Array]:
+        """`aligned_generate` over the local devices: (params, per_variation, shared) -> final latents.
+
+        The two dicts are `parallel.split_per_variation(GenerationInputs(...))`.
+        """
+        unet, schedule, implementation = self.models.unet, self.models.schedule, self.options.attention
+
+        def generate(params: Any, inputs: GenerationInputs) -> jax.Array:
+            return aligned_generate(unet, params, schedule, inputs, report_progress, implementation)
+
+        sharded = parallel.over_variations(generate, self.mesh, GenerationInputs)
+
+        def program(params: Any, per_variation: dict, shared: dict) -> jax.Array:
+            return sharded(params, per_variation, shared)
+
+        return program
+
+    def _execute(self, label: str, program: Callable, steps: int, show: bool, args: tuple, donate: tuple = ()) -> Any:
+        """Compile `program` for these argument shapes once (kept), then run it, with a step bar if asked.
+
+        Compiling ahead of the run keeps compile time out of the step timings the bar shows.
+        """
+        leaves, structure = jax.tree_util.tree_flatten(args)
+        shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
+        signature = (label, show, structure, shapes)
+        if signature not in self._executables:
+            compiled = jax.jit(program, donate_argnames=donate).lower(*args).compile()
+            self._executables[signature] = compiled
+        with progress.progress_bar(label, steps, show):
+            return jax.block_until_ready(self._executables[signature](*args))
 
     def _encode_fn(self, params: Any, pixels: jnp.ndarray) -> jnp.ndarray:
         vae = self.models.vae
         posterior = vae.apply({"params": params}, pixels, method=vae.encode).latent_dist
-        return posterior.mean.transpose(0, 3, 1, 2).astype(jnp.float32) * self.vae_scale
+        latents = posterior.mean.transpose(0, 3, 1, 2).astype(jnp.float32)
+        return (latents - self.vae_shift) * self.vae_scale
 
     def _decode_fn(self, params: Any, latents: jnp.ndarray) -> jnp.ndarray:
         vae = self.models.vae
-        decoded = vae.apply({"params": params}, (latents / self.vae_scale).astype(self.dtype), method=vae.decode)
+        scaled = (latents / self.vae_scale + self.vae_shift).astype(self.dtype)
+        decoded = vae.apply({"params": params}, scaled, method=vae.decode)
         return jnp.clip(decoded.sample.astype(jnp.float32).transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
 
-    def encode_prompt(self, prompts: list[str]) -> jax.Array:
-        """CLIP last hidden states (B, 77, D) for prompts, padded to the tokenizer's length."""
-        tokenizer = self.models.tokenizer
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
-        ).input_ids
-        return self._text(ids, self.params["text_encoder"])
+    def image_size(self, source_size: tuple[int, int]) -> tuple[int, int]:
+        """(W, H) an exemplar of `source_size` (W, H) is processed at, per the run options."""
+        options = self.options
+        return images.target_size(source_size, options.size, self.default_side, self.size_multiple, options.square_crop)
 
-    def encode_image(self, image: Any) -> tuple[np.ndarray, jax.Array]:
-        """Preprocess an exemplar (path, PIL image or uint8 array) and VAE-encode it: (pixels, x_0)."""
-        pixels = images.exemplar_array(image, self.resolution)
+    def encode_prompt(self, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """Conditioning (one entry per prompt) for images of `size` (W, H); see `prompts`."""
+        return self.prompts(self.params, prompts, size)
+
+    def encode_image(self, image: Any) -> tuple[np.ndarray, jax.Array, tuple[int, int]]:
+        """Preprocess an exemplar (path, PIL image or uint8 array) and VAE-encode it: (pixels, x_0, source size)."""
+        picture = images.rgb_image(image)
+        pixels = np.asarray(images.fit(picture, self.image_size(picture.size)))
         scaled = jnp.asarray(pixels.transpose(2, 0, 1)[None], dtype=self.dtype) / 127.5 - 1.0
-        return pixels, self._encode(self.params["vae"], scaled)[0]
+        return pixels, self._encode(self.params["vae"], scaled)[0], picture.size
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """Latents (N, 4, h, w) to images (N, H, W, 3) in [0, 1]."""
@@ -214,43 +184,48 @@ class RivalPipeline:
     def invert(
         self, image: Any, prompt: str = "", num_inference_steps: int = 50, show_progress: bool = False
     ) -> InversionChain:
-        """DDIM-invert the exemplar with `prompt` (empty = null-prompt inversion)."""
+        """DDIM-invert the exemplar with `prompt` (empty = null-prompt inversion).
+
+        >>> chain = pipe.invert("photo.jpg", prompt="a photo of a lynx", num_inference_steps=50)
+        """
         timesteps = self.models.schedule.timesteps(num_inference_steps)
-        pixels, x0 = self.encode_image(image)
-        text = self.encode_prompt([prompt])
-        chain = self._run(
-            "invert",
-            num_inference_steps,
-            show_progress,
-            self.params["unet"],
-            self.models.schedule,
-            x0,
-            text,
-            jnp.asarray(timesteps),
-        )
-        return InversionChain(latents=chain, timesteps=timesteps, prompt=prompt, image=pixels)
+        pixels, x0, source_size = self.encode_image(image)
+        cond = self.encode_prompt([prompt], (pixels.shape[1], pixels.shape[0]))
+        args = (self.params["unet"], self.models.schedule, x0, cond, jnp.asarray(timesteps))
+        latents = self._execute("inversion", self.inversion_program(show_progress), len(timesteps), show_progress, args)
+        return InversionChain(latents, timesteps, prompt, pixels, source_size)
+
+    def contexts(self, chain: InversionChain) -> Conditioning:
+        """The exemplar's guidance contexts: [empty prompt, inversion prompt], or one when they are equal."""
+        return self.encode_prompt([""] if chain.prompt == "" else ["", chain.prompt], chain.size)
 
     def reference_pass(self, chain: InversionChain, show_progress: bool = False) -> ReferenceFeatures:
-        """The exemplar's features for every step, for the empty and the inversion prompt (once if equal)."""
-        prompts = [""] if chain.prompt == "" else ["", chain.prompt]
-        contexts = self.encode_prompt(prompts)
-        return self._run(
-            "reference_pass",
-            reference_batches(chain.num_inference_steps * len(prompts), self.reference_batch_size)[0],
-            show_progress,
-            self.params["unet"],
-            chain.latents,
-            contexts,
-            jnp.asarray(chain.timesteps),
-        )
+        """The exemplar's features for every step and context (what reference mode "keep" stores)."""
+        contexts = self.contexts(chain)
+        steps = reference_batches(chain.num_inference_steps * contexts.size, self.options.reference_batch_size)[0]
+        args = (self.params["unet"], self.models.schedule, chain.latents, contexts, jnp.asarray(chain.timesteps))
+        return self._execute("reference pass", self.reference_program(show_progress), steps, show_progress, args)
+
+    def reference_feature_bytes(self, chain: InversionChain) -> int:
+        """Bytes the exemplar's stored features take (reference mode "keep"), from shapes alone."""
+        contexts = self.contexts(chain)
+        key = (chain.latents.shape, contexts.size)
+        if key not in self._feature_bytes:
+            self._feature_bytes[key] = feature_bytes(
+                self.models.unet, self.params["unet"], chain.latents.shape[1:], contexts, chain.num_inference_steps
+            )
+        return self._feature_bytes[key]
+
+    def reference_mode(self, chain: InversionChain) -> str:
+        """ "keep" or "recompute" for this chain: the option, or for "auto" the features' size against memory."""
+        if self.options.reference_mode == "auto" and chain.reference is not None:
+            return "keep"
+        if self.options.reference_mode != "auto":
+            return self.options.reference_mode
+        return choose_reference_mode("auto", self.reference_feature_bytes(chain), parallel.device_memory_bytes())
 
     def start_latents(
-        self,
-        chain: InversionChain,
-        indices: np.ndarray,
-        seed: int,
-        config: RivalConfig,
-        region: np.ndarray,
+        self, chain: InversionChain, indices: np.ndarray, seed: int, config: RivalConfig, region: np.ndarray
     ) -> jax.Array:
         """Start latents of variations `indices`; variation i depends only on (seed, i)."""
         key = jax.random.PRNGKey(seed)
@@ -273,13 +248,24 @@ class RivalPipeline:
     ) -> RivalOutput:
         """Generate `num_variations` images aligned to the exemplar's chain, spread over the local devices.
 
-        prompt: the generated images' prompt (default: the inversion prompt, i.e. image variation).
-        latents: optional start latents (N, 4, h, w) that replace the initialisation.
-        mask: inpainting region (white/True = regenerate), at the exemplar's processed size or latent size.
-        variation_indices: which variations of `seed` to make (default 0..num_variations-1); variation i
-            is the same image whatever else is generated with it and however many devices there are.
-        batch_size: pad the batch to at least this many (then to a multiple of the device count), so
-            calls with different counts reuse one compiled program; the padding is dropped.
+        Args:
+            chain: from `invert`.
+            prompt: the generated images' prompt (default: the inversion prompt, i.e. image variation).
+            negative_prompt: of the generated images (SDXL: empty = zeros, see `prompts`).
+            num_variations: how many images (ignored when `variation_indices` is given).
+            seed: variation i of a seed always starts from fold_in(PRNGKey(seed), i).
+            config: the method's settings (`RivalConfig`).
+            latents: optional start latents (N, 4, h, w) that replace the initialisation.
+            mask: inpainting region (white/True = regenerate): a PIL image at the exemplar's original
+                size, or an array at the processed size or the latent size.
+            output_type: "pil", "np" or "latent".
+            show_progress: step bars on stderr.
+            variation_indices: which variations of `seed` to make (default 0..num_variations-1);
+                variation i is the same image whatever else is generated with it, on any device count.
+            batch_size: pad the batch to at least this many (then to a multiple of the device count),
+                so calls with different counts reuse one compiled program; the padding is dropped.
+
+        >>> out = pipe.generate(chain, prompt="a watercolor of a lynx", num_variations=4, seed=1)
         """
         config = config or RivalConfig()
         if output_type not in ("pil", "np", "latent"):
@@ -291,43 +277,38 @@ class RivalPipeline:
         indices = np.asarray(variation_indices, dtype=np.int32).reshape(-1)
         if indices.size == 0 or indices.min() < 0:
             raise RivalError("variation_indices must be a non-empty list of integers >= 0")
-        size = self.latent_size
-        region = np.ones((size, size), bool) if mask is None else images.mask_region(mask, self.resolution, size)
+        grid = tuple(chain.latents.shape[-2:])
+        region = np.ones(grid, bool) if mask is None else images.mask_region(mask, chain.source_size, chain.size, grid)
         if latents is None:
             start = np.asarray(self.start_latents(chain, indices, seed, config, region))
         else:
             start = np.asarray(latents, dtype=np.float32)
-            if start.shape != (indices.size, 4, size, size):
-                raise RivalError(
-                    f"latents have shape {start.shape}: expected {(indices.size, 4, size, size)} (N, 4, h, w)"
-                )
-        length = parallel.padded_length(max(indices.size, batch_size or 0), self.mesh)
-        batch = jax.device_put(parallel.pad_to(start, length), parallel.batch_sharding(self.mesh))
-        if chain.reference is None:
+            if start.shape != (indices.size, *chain.latents.shape[1:]):
+                expected = (indices.size, *chain.latents.shape[1:])
+                raise RivalError(f"latents have shape {start.shape}: expected {expected} (N, 4, h, w)")
+        mode = self.reference_mode(chain)
+        if mode == "keep" and chain.reference is None:
             chain.reference = self.reference_pass(chain, show_progress)
-        texts = self.encode_prompt([negative_prompt, chain.prompt if prompt is None else prompt])
-        final = self._run(
-            "generate",
-            chain.num_inference_steps * self.mesh.size,
-            show_progress,
-            self.params["unet"],
-            self.models.schedule,
-            chain.reference,
-            chain.latents,
-            batch,
-            texts,
-            jnp.asarray(region),
-            config.as_arrays(),
-            jnp.asarray(chain.timesteps),
-        )[: indices.size]
+        length = parallel.padded_length(max(indices.size, batch_size or 0), self.mesh)
+        inputs = GenerationInputs(
+            start=jax.device_put(parallel.pad_to(start, length), parallel.batch_sharding(self.mesh)),
+            chain=chain.latents,
+            conditioning=self.encode_prompt([negative_prompt, chain.prompt if prompt is None else prompt], chain.size),
+            contexts=self.contexts(chain),
+            reference=chain.reference if mode == "keep" else None,
+            region=jnp.asarray(region),
+            settings=config.as_arrays(),
+            timesteps=jnp.asarray(chain.timesteps),
+        )
+        per_variation, shared = parallel.split_per_variation(inputs)
+        args = (self.params["unet"], per_variation, shared)
+        steps = chain.num_inference_steps * self.mesh.size
+        program = self.generation_program(show_progress)
+        final = self._execute("generation", program, steps, show_progress, args, donate=("per_variation",))
+        final = np.asarray(final[: indices.size])
         if output_type == "latent":
-            result: Any = np.asarray(final)
+            result: Any = final
         else:
             decoded = self.decode(final)
             result = decoded if output_type == "np" else images.to_pil(decoded)
-        return RivalOutput(images=result, latents=np.asarray(final), start_latents=start, indices=indices, seed=seed)
-
-
-def exemplar_image(chain: InversionChain) -> Image.Image:
-    """The preprocessed exemplar the chain was inverted from."""
-    return Image.fromarray(chain.image)
+        return RivalOutput(result, final, start, indices, seed, mode)

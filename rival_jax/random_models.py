@@ -1,11 +1,11 @@
-"""Randomly initialised Stable-Diffusion-1.x-shaped models, built by the package itself.
+"""Randomly initialised Stable Diffusion models of every family (SD 1.x, SD 2.x, SDXL), built by the package itself.
 
-- The built-in **tiny checkpoint**: every part a real SD 1.5 folder has (UNet with self-attention
-  at two resolutions and in the mid block, a 4-block VAE with the real 8x downsampling, a CLIP text
-  model, a working byte-level BPE tokenizer, a DDIM scheduler config), written in either weight
-  format, so the whole pipeline and both loading paths run anywhere in seconds.
-- The **full SD 1.5 architecture** in memory (`random_sd15_models`), so speed and memory can be
-  measured without downloading weights.
+- The built-in **tiny checkpoints**: every part a real checkpoint of the family has (UNet, a
+  4-block VAE with the real 8x downsampling, one or two CLIP text models, working byte-level BPE
+  tokenizers, the family's scheduler config), written in either weight format, so the whole
+  pipeline and both loading paths run anywhere in seconds.
+- The **full architectures** (SD 1.5, SD 2.1, SDXL base 1.0) in memory (`random_full_models`), so
+  speed and memory can be measured without downloading weights.
 
 Their weights are random: their images are noise.
 """
@@ -17,69 +17,40 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from rival_jax.architectures import FULL, SCHEDULER_CONFIG, TINY, Architecture
+from rival_jax.checkpoints import WEIGHTS, flax_to_pytorch_state_dict, params_layout
 from rival_jax.ddim import DDIMSchedule
-from rival_jax.loading import TINY_MARKER, LoadedModels, default_cache_dir, flax_to_pytorch_state_dict
+from rival_jax.errors import RivalError
+from rival_jax.families import FAMILIES, TEXT_COMPONENTS
+from rival_jax.loading import TINY_MARKER, LoadedModels, default_cache_dir
+
+__all__ = [
+    "SCHEDULER_CONFIG",
+    "TINY_VERSION",
+    "WeightFormat",
+    "build_modules",
+    "random_full_models",
+    "random_params",
+    "tiny_checkpoint",
+    "write_tiny_checkpoint",
+]
 
 TINY_VERSION = "1"
 WeightFormat = Literal["flax", "safetensors"]
-
-UNET_CONFIG = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "layers_per_block": 1,
-    "attention_head_dim": 4,
-    "cross_attention_dim": 32,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-}
-VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 64, 64],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 128,
-    "scaling_factor": 0.18215,
-}
-TEXT_CONFIG = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 32,
-}
-SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
 TOKENIZER_WORDS = (
     *("a", "photo", "of", "the", "cat", "dog", "painting", "in", "style", "portrait", "landscape", "watercolor"),
     *("oil", "mountain", "sky", "sunset", "red", "blue", "green", "house", "tree", "river", "flower"),
 )
+# SDXL's second tokenizer pads with "!" instead of the end-of-text token.
+PAD_TOKENS = {"tokenizer": None, "tokenizer_2": "!"}
+TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
 # Output layers rescaled so latents and noise predictions are O(1), like a trained model's.
 VAE_QUANT_SCALE = 10.0
 UNET_OUT_SCALE = 1.6
@@ -126,144 +97,134 @@ def _bpe_files() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def _write_tokenizer(folder: Path) -> tuple[int, int, int]:
+def _write_tokenizer(folder: Path, pad_token: str | None) -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = _bpe_files()
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    pad = {"pad_token": pad_token} if pad_token else {}
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **pad)
     tokenizer.save_pretrained(str(folder))
-    return len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id
+    return tokenizer
 
 
-def _save_weights(folder: Path, module, params, weight_format: WeightFormat, st_name: str) -> None:
-    """Save config.json and weights, with PyTorch class names for the safetensors form."""
-    module.save_pretrained(str(folder), params=params)
-    if weight_format == "flax":
-        return
-    from safetensors.numpy import save_file
-
-    for flax_file in folder.glob("*.msgpack"):
-        flax_file.unlink()
-    config = json.loads((folder / "config.json").read_text())
-    if "_class_name" in config:
-        config["_class_name"] = config["_class_name"].removeprefix("Flax")
-    if "architectures" in config:
-        config["architectures"] = [name.removeprefix("Flax") for name in config["architectures"]]
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(flax_to_pytorch_state_dict(params), str(folder / st_name), metadata={"format": "pt"})
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise RivalError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
 
 
-def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, weight_format: WeightFormat = "flax") -> Path:
-    """Write a complete tiny SD-1.x checkpoint folder (diffusers layout) with random weights from `seed`."""
+def build_modules(arch: Architecture, tokenizers: tuple, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+    """The Flax modules of an architecture, without params: unet, vae, text_encoder[, text_encoder_2].
+
+    Args:
+        arch: the component configs.
+        tokenizers: one CLIP tokenizer per text encoder (vocabulary size, unless the config sets it, and special ids).
+        dtype: the modules' compute dtype.
+    """
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
+    modules = {
+        "unet": FlaxUNet2DConditionModel(**arch.unet, dtype=dtype),
+        "vae": FlaxAutoencoderKL(**arch.vae, dtype=dtype),
+    }
+    names = tuple(TEXT_ENCODER_CLASSES)[: len(arch.text_encoders)]
+    for name, config, tokenizer in zip(names, arch.text_encoders, tokenizers, strict=True):
+        ids = {"vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_token_id}
+        ids |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        cls = FlaxCLIPTextModelWithProjection if name == "text_encoder_2" else FlaxCLIPTextModel
+        modules[name] = cls(CLIPTextConfig(**(ids | config)), dtype=dtype, _do_init=False)
+    return modules
+
+
+def _random_weights(modules: dict[str, Any], seed: int) -> dict[str, dict]:
+    """Random float32 params per module, with the output layers rescaled."""
+    unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    keys = {
+        "unet": unet_key,
+        "vae": vae_key,
+        "text_encoder": text_key,
+        "text_encoder_2": jax.random.fold_in(text_key, 1),
+    }
+    params = {name: random_params(params_layout(module), keys[name]) for name, module in modules.items()}
+    params["unet"]["conv_out"]["kernel"] *= UNET_OUT_SCALE
+    params["vae"]["quant_conv"]["kernel"] *= VAE_QUANT_SCALE
+    return params
+
+
+def _save_weights(folder: Path, module, params, weight_format: WeightFormat, extra_config: dict) -> None:
+    """Save config.json and weights, with PyTorch class names and tensor names for the safetensors form."""
+    module.save_pretrained(str(folder), params=params)
+    if weight_format == "flax" and not extra_config:
+        return
+    config = json.loads((folder / "config.json").read_text()) | extra_config
+    if weight_format == "safetensors":
+        from safetensors.numpy import save_file
+
+        for flax_file in folder.glob("*.msgpack"):
+            flax_file.unlink()
+        if "_class_name" in config:
+            config["_class_name"] = config["_class_name"].removeprefix("Flax")
+        if "architectures" in config:
+            config["architectures"] = [name.removeprefix("Flax") for name in config["architectures"]]
+        save_file(flax_to_pytorch_state_dict(params), str(folder / WEIGHTS[folder.name][1]), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_tiny_checkpoint(
+    folder: str | os.PathLike, seed: int = 0, weight_format: WeightFormat = "flax", family: str = "sd1"
+) -> Path:
+    """Write a complete tiny checkpoint folder (diffusers layout) of one family with random weights.
+
+    Args:
+        folder: where to write (created if missing).
+        seed: seeds every weight.
+        weight_format: 'flax' (msgpack) or 'safetensors' (PyTorch names and layouts).
+        family: 'sd1', 'sd2' or 'sdxl'.
+    """
     folder = Path(folder)
     if weight_format not in ("flax", "safetensors"):
-        raise ValueError(f"weight_format must be 'flax' or 'safetensors', not {weight_format!r}")
+        raise RivalError(f"weight_format must be 'flax' or 'safetensors', not {weight_format!r}")
+    _check_family(family)
+    arch = TINY[family]
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_size, bos, eos = _write_tokenizer(folder / "tokenizer")
-    unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-
-    unet = FlaxUNet2DConditionModel(**UNET_CONFIG)
-    unet_params = random_params(jax.eval_shape(unet.init_weights, unet_key), unet_key)
-    unet_params["conv_out"]["kernel"] *= UNET_OUT_SCALE
-    vae = FlaxAutoencoderKL(**VAE_CONFIG)
-    vae_params = random_params(jax.eval_shape(vae.init_weights, vae_key), vae_key)
-    vae_params["quant_conv"]["kernel"] *= VAE_QUANT_SCALE
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, **TEXT_CONFIG
-    )
-    text = FlaxCLIPTextModel(text_config, _do_init=False)
-    text_params = random_params(text.params_shape_tree, text_key)
-
-    _save_weights(folder / "unet", unet, unet_params, weight_format, "diffusion_pytorch_model.safetensors")
-    _save_weights(folder / "vae", vae, vae_params, weight_format, "diffusion_pytorch_model.safetensors")
-    _save_weights(folder / "text_encoder", text, text_params, weight_format, "model.safetensors")
+    tokenizers = tuple(_write_tokenizer(folder / name, PAD_TOKENS[name]) for _, name in TEXT_COMPONENTS[family])
+    modules = build_modules(arch, tokenizers)
+    params = _random_weights(modules, seed)
+    for name, module in modules.items():
+        extra = arch.vae_extra if name == "vae" else {}
+        _save_weights(folder / name, module, params[name], weight_format, extra)
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch.scheduler, indent=2))
     prefix = "Flax" if weight_format == "flax" else ""
-    index = {
-        "_class_name": f"{prefix}StableDiffusionPipeline",
-        TINY_MARKER: True,
-        "unet": ["diffusers", f"{prefix}UNet2DConditionModel"],
-        "vae": ["diffusers", f"{prefix}AutoencoderKL"],
-        "text_encoder": ["transformers", f"{prefix}CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", f"{prefix}DDIMScheduler"],
-    }
+    index = {"_class_name": f"{prefix}{arch.pipeline}", TINY_MARKER: True}
+    if arch.force_zeros_for_empty_prompt:
+        index["force_zeros_for_empty_prompt"] = True
+    index |= {"unet": ["diffusers", f"{prefix}UNet2DConditionModel"], "vae": ["diffusers", f"{prefix}AutoencoderKL"]}
+    for encoder, tokenizer in TEXT_COMPONENTS[family]:
+        index[encoder] = ["transformers", f"{prefix}{TEXT_ENCODER_CLASSES[encoder]}"]
+        index[tokenizer] = ["transformers", "CLIPTokenizer"]
+    index["scheduler"] = ["diffusers", f"{prefix}{arch.scheduler['_class_name']}"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
 
-SD15_UNET_CONFIG = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-}
-SD15_VAE_CONFIG = VAE_CONFIG | {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512}
-SD15_TEXT_CONFIG = TEXT_CONFIG | {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "projection_dim": 768,
-}
-
-
-def random_sd15_models(dtype: jnp.dtype = jnp.float32, seed: int = 0) -> LoadedModels:
-    """The SD 1.5 UNet/VAE/CLIP architecture with random weights (tokenizer: the tiny one), in memory."""
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
-
-    tiny = tiny_checkpoint(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tiny / "tokenizer"))
-    unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-    unet = FlaxUNet2DConditionModel(**SD15_UNET_CONFIG, dtype=dtype)
-    vae = FlaxAutoencoderKL(**SD15_VAE_CONFIG, dtype=dtype)
-    text_config = CLIPTextConfig(
-        vocab_size=49408, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SD15_TEXT_CONFIG
-    )
-    text = FlaxCLIPTextModel(text_config, dtype=dtype, _do_init=False)
-    params = {
-        "unet": random_params(jax.eval_shape(unet.init_weights, unet_key), unet_key),
-        "vae": random_params(jax.eval_shape(vae.init_weights, vae_key), vae_key),
-        "text_encoder": random_params(text.params_shape_tree, text_key),
-    }
-    return LoadedModels(
-        path=Path("random-sd15"),
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        schedule=DDIMSchedule.from_scheduler_config(SCHEDULER_CONFIG),
-        params=jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params),
-        sources={name: "random (SD 1.5 architecture)" for name in params},
-        random_weights=True,
-    )
-
-
-def tiny_checkpoint(seed: int = 0, weight_format: WeightFormat = "flax", cache_dir: Path | None = None) -> Path:
-    """The built-in tiny checkpoint, written once into the cache folder (atomically) and reused."""
+def tiny_checkpoint(
+    seed: int = 0, weight_format: WeightFormat = "flax", cache_dir: Path | None = None, family: str = "sd1"
+) -> Path:
+    """The built-in tiny checkpoint of a family, written once into the cache folder (atomically) and reused."""
+    _check_family(family)
     root = (cache_dir or default_cache_dir()) / "tiny"
-    target = root / f"v{TINY_VERSION}-seed{seed}-{weight_format}"
+    name = f"v{TINY_VERSION}-seed{seed}-{weight_format}"
+    target = root / (name if family == "sd1" else f"{name}-{family}")
     if (target / "model_index.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
     try:
-        write_tiny_checkpoint(staging, seed=seed, weight_format=weight_format)
+        write_tiny_checkpoint(staging, seed=seed, weight_format=weight_format, family=family)
         os.replace(staging, target)
     except OSError:
         if not (target / "model_index.json").is_file():
@@ -271,3 +232,35 @@ def tiny_checkpoint(seed: int = 0, weight_format: WeightFormat = "flax", cache_d
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def random_full_models(family: str, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> LoadedModels:
+    """The full SD 1.5, SD 2.1 or SDXL base 1.0 architecture with random weights, in memory (tokenizers: the tiny ones).
+
+    Args:
+        family: 'sd1', 'sd2' or 'sdxl'.
+        dtype: dtype of the modules' computation and of the params.
+        seed: seeds every weight.
+    """
+    from transformers import CLIPTokenizer
+
+    _check_family(family)
+    arch = FULL[family]
+    tiny = tiny_checkpoint(seed, family=family)
+    tokenizers = tuple(CLIPTokenizer.from_pretrained(str(tiny / name)) for _, name in TEXT_COMPONENTS[family])
+    modules = build_modules(arch, tokenizers, dtype)
+    params = _random_weights(modules, seed)
+    encoders = [name for name, _ in TEXT_COMPONENTS[family]]
+    return LoadedModels(
+        path=Path(f"random-{family}"),
+        family=family,
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoders=tuple(modules[name] for name in encoders),
+        tokenizers=tokenizers,
+        schedule=DDIMSchedule.from_scheduler_config(arch.scheduler),
+        params=jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params),
+        sources={name: f"random ({arch.label} architecture)" for name in params},
+        random_weights=True,
+        force_zeros_for_empty_prompt=arch.force_zeros_for_empty_prompt,
+    )

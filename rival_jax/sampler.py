@@ -1,94 +1,56 @@
-"""Aligned generation (ALGORITHM.md sections 3-4) as pure functions of arrays.
+"""Aligned generation (docs/method.md, "Aligned generation") as pure functions of arrays.
 
-The exemplar's side of every step depends only on its chain and prompt, so `reference_pass` runs it
-once for all steps and any number of variations; `aligned_generate` then denoises the variations
-with cross-image self-attention against the stored hidden states, AdaIN onto the stored noise, and
-classifier-free guidance. The attention stage and the AdaIN stage are chosen per step by `lax`
-control flow on the timestep.
+`aligned_generate` denoises the variations with cross-image self-attention against the exemplar's
+hidden states, AdaIN onto the exemplar's noise, and classifier-free guidance. The exemplar's side
+comes from `reference` (stored once, or recomputed in every step beside the variations). The
+attention stage and the AdaIN stage are chosen per step by `lax` control flow on the timestep.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from rival_jax import progress
-from rival_jax.attention import FUSE, REPLACE, unet_eps, unet_eps_injected, unet_eps_recording
-from rival_jax.config import REFERENCE_BATCH_SIZE, RivalConfig
+from rival_jax.attention import FUSE, REPLACE
+from rival_jax.config import RivalConfig
 from rival_jax.ddim import DDIMSchedule, ddim_step
+from rival_jax.reference import ReferenceFeatures
+from rival_jax.unet import Conditioning, unet_output, unet_output_alongside, unet_output_injected
 
 ADAIN_EPS = 1e-5
 PLAIN, REPLACEMENT, FUSION = 0, 1, 2
 
 
 @struct.dataclass
-class ReferenceFeatures:
-    """The exemplar's per-step work, shared by every variation.
+class GenerationInputs:
+    """Everything `aligned_generate` reads, as one pytree that crosses `jit` and `shard_map`.
 
-    hidden: {attn1 path: (T, C, L, D)} hidden states entering each self-attention layer, for the
-        C guidance contexts [empty prompt, inversion prompt] (C = 1 when the inversion prompt is empty).
-    eps: (T, 4, h, w) the exemplar's conditional noise prediction (inversion prompt).
-    contexts: C.
+    start: (N, 4, h, w) the variations' start latents; the one per-variation field (`PER_VARIATION`),
+        split over devices and donated to the program.
+    chain: (T+1, 4, h, w) the exemplar's inversion chain, x_0 first.
+    conditioning: 2 entries, [negative prompt, prompt] of the generated images.
+    contexts: C entries, the exemplar's [empty prompt, inversion prompt] (one when equal).
+    reference: the exemplar's stored features (`keep`), or None to recompute them every step.
+    region: (h, w) where the variations are generated; elsewhere each step copies the exemplar's
+        chain latent (inpainting; all-true otherwise).
+    settings: `RivalConfig.as_arrays()`.
+    timesteps: (T,) generation order.
     """
 
-    hidden: dict[tuple[str, ...], jnp.ndarray]
-    eps: jnp.ndarray
-    contexts: int = struct.field(pytree_node=False)
+    PER_VARIATION: ClassVar[tuple[str, ...]] = ("start",)
 
-
-def reference_pass(
-    unet: Any,
-    params: Any,
-    chain: jnp.ndarray,
-    contexts: jnp.ndarray,
-    timesteps: jnp.ndarray,
-    batch_size: int = REFERENCE_BATCH_SIZE,
-    report_progress: bool = False,
-) -> ReferenceFeatures:
-    """Evaluate the exemplar at every generation step j on its stored latent x_{T-j}, for every context.
-
-    `contexts` (C, L, D) are the text embeddings [empty prompt, inversion prompt], or just one when equal.
-    No step depends on another, so the T*C evaluations run as UNet batches of up to `batch_size`
-    (static), each entry at its own timestep; the last batch is padded with repeats that are dropped.
-    """
-    steps, count = timesteps.shape[0], contexts.shape[0]
-    items = steps * count
-    batches, per_batch = reference_batches(items, batch_size)
-    item = np.minimum(np.arange(batches * per_batch), items - 1)
-    step_of, context_of = item // count, item % count
-    latents_by_step = chain[::-1][:-1]
-
-    def batched(x: jnp.ndarray) -> jnp.ndarray:
-        return x.reshape(batches, per_batch, *x.shape[1:])
-
-    def run(_: None, xs: tuple) -> tuple[None, tuple[dict, jnp.ndarray]]:
-        x, t, text = xs
-        eps, hidden = unet_eps_recording(unet, params, x, t, text)
-        if report_progress:
-            progress.tick(t[0])
-        return None, (hidden, eps)
-
-    inputs = (latents_by_step[step_of], timesteps[step_of].astype(jnp.float32), contexts[context_of])
-    _, outputs = jax.lax.scan(run, None, tuple(batched(x) for x in inputs))
-
-    def by_step(x: jnp.ndarray) -> jnp.ndarray:
-        return x.reshape(-1, *x.shape[2:])[:items].reshape(steps, count, *x.shape[2:])
-
-    hidden, eps = jax.tree_util.tree_map(by_step, outputs)
-    return ReferenceFeatures(hidden=hidden, eps=eps[:, -1], contexts=count)
-
-
-def reference_batches(items: int, batch_size: int) -> tuple[int, int]:
-    """(UNet batches, entries per batch) that `reference_pass` runs for `items` = steps x contexts evaluations.
-
-    The fewest batches of at most `batch_size`, as even as possible, so padding stays under one per batch.
-    """
-    batches = -(-items // batch_size)
-    return batches, -(-items // batches)
+    start: jnp.ndarray
+    chain: jnp.ndarray
+    conditioning: Conditioning
+    contexts: Conditioning
+    reference: ReferenceFeatures | None
+    region: jnp.ndarray
+    settings: dict[str, jnp.ndarray]
+    timesteps: jnp.ndarray
 
 
 def shuffle_within(x: jnp.ndarray, region: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
@@ -108,7 +70,7 @@ def shuffle_within(x: jnp.ndarray, region: jnp.ndarray, key: jax.Array) -> jnp.n
 
 
 def start_latent(key: jax.Array, x_t: jnp.ndarray, region: jnp.ndarray, config: RivalConfig) -> jnp.ndarray:
-    """One variation's start latent from x_T (latent initialisation, ALGORITHM.md section 3/4).
+    """One variation's start latent from x_T (latent initialisation, docs/method.md).
 
     Inside `region` (everything, unless inpainting) the latent comes from the chosen initialisation;
     outside it is x_T itself.
@@ -159,46 +121,60 @@ def aligned_generate(
     unet: Any,
     params: Any,
     schedule: DDIMSchedule,
-    reference: ReferenceFeatures,
-    chain: jnp.ndarray,
-    start: jnp.ndarray,
-    texts: jnp.ndarray,
-    region: jnp.ndarray,
-    settings: dict[str, jnp.ndarray],
-    timesteps: jnp.ndarray,
+    inputs: GenerationInputs,
     report_progress: bool = False,
     attention_implementation: str | None = None,
 ) -> jnp.ndarray:
-    """Denoise the variations `start` (N, 4, h, w) along the exemplar's chain; returns final latents.
+    """Denoise the variations `inputs.start` (N, 4, h, w) along the exemplar's chain; returns final latents.
 
-    texts (2, L, D): [negative prompt, prompt] embeddings of the generated images.
-    region (h, w): where the variations are generated; elsewhere each step copies the exemplar's
-        chain latent (inpainting; all-true otherwise).
-    settings: `RivalConfig.as_arrays()`.
     report_progress (static): tick `progress` every step (host callbacks keep the program out of
         XLA's persistent cache, so batch work leaves it off).
     attention_implementation (static): how the injected layers attend: None/"xla" (blockwise, see
         `attention`) or "cudnn" (`jax.nn.dot_product_attention`'s flash attention, NVIDIA GPUs, bf16/fp16).
-    """
-    count = start.shape[0]
-    stride = schedule.stride(timesteps.shape[0])
-    batch_texts = jnp.repeat(texts, count, axis=0)
-    next_reference_latents = chain[::-1][1:]
-    # The batch is [uncond x N, cond x N]; the two groups pair with the contexts [empty prompt, inversion prompt].
-    group_context = jnp.array([0, reference.contexts - 1])
 
-    def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
-        t, hidden, eps_reference, x_reference_next = xs
-        latents = jnp.concatenate([x, x])
+    >>> final = aligned_generate(unet, params["unet"], schedule, inputs)
+    """
+    count = inputs.start.shape[0]
+    settings, contexts = inputs.settings, inputs.contexts
+    stride = schedule.stride(inputs.timesteps.shape[0])
+    batch_cond = inputs.conditioning.repeat(count)
+    reference_latents = inputs.chain[::-1]
+    # The batch is [uncond x N, cond x N]; the two groups pair with the contexts [empty prompt, inversion prompt].
+    group_context = jnp.array([0, contexts.size - 1])
+    implementation = attention_implementation
+
+    def stored_exemplar(latents, t, stored):
+        hidden, eps_reference = stored
         grouped = {path: states[group_context] for path, states in hidden.items()}
         branches = [
-            lambda: unet_eps(unet, params, latents, t, batch_texts),
-            lambda: unet_eps_injected(
-                unet, params, latents, t, batch_texts, grouped, REPLACE, attention_implementation
-            ),
-            lambda: unet_eps_injected(unet, params, latents, t, batch_texts, grouped, FUSE, attention_implementation),
+            lambda: unet_output(unet, params, latents, t, batch_cond),
+            lambda: unet_output_injected(unet, params, latents, t, batch_cond, grouped, REPLACE, implementation),
+            lambda: unet_output_injected(unet, params, latents, t, batch_cond, grouped, FUSE, implementation),
         ]
-        eps = jax.lax.switch(attention_stage(t, settings), branches).astype(jnp.float32)
+        return jax.lax.switch(attention_stage(t, settings), branches), eps_reference
+
+    def recomputed_exemplar(latents, t, x_reference):
+        leading = contexts.size
+        both = jnp.concatenate([jnp.broadcast_to(x_reference, (leading, *x_reference.shape)), latents])
+        cond = Conditioning.concat([contexts, batch_cond])
+        branches = [
+            lambda: unet_output(unet, params, both, t, cond),
+            lambda: unet_output_alongside(unet, params, both, t, cond, leading, group_context, REPLACE, implementation),
+            lambda: unet_output_alongside(unet, params, both, t, cond, leading, group_context, FUSE, implementation),
+        ]
+        output = jax.lax.switch(attention_stage(t, settings), branches)
+        eps_reference = schedule.epsilon(output[leading - 1].astype(jnp.float32), x_reference, schedule.alpha(t))
+        return output[leading:], eps_reference
+
+    def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
+        t, x_reference, x_reference_next, stored = xs
+        latents = jnp.concatenate([x, x])
+        if stored is None:
+            output, eps_reference = recomputed_exemplar(latents, t, x_reference)
+        else:
+            output, eps_reference = stored_exemplar(latents, t, stored)
+        alpha = schedule.alpha(t)
+        eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
         eps_uncond, eps_cond = jnp.split(eps, 2)
         guided = eps_uncond + settings["guidance_scale"] * (eps_cond - eps_uncond)
         guided = jax.lax.cond(
@@ -207,11 +183,14 @@ def aligned_generate(
             lambda g: g,
             guided,
         )
-        x_next = ddim_step(x, guided, schedule.alpha(t), schedule.alpha(t - stride)).astype(x.dtype)
-        x_next = jnp.where(region[None, None], x_next, x_reference_next[None])
+        x_next = ddim_step(x, guided, alpha, schedule.alpha(t - stride)).astype(x.dtype)
+        x_next = jnp.where(inputs.region[None, None], x_next, x_reference_next[None])
         if report_progress:
             progress.tick(t)
         return x_next, None
 
-    final, _ = jax.lax.scan(step, start, (timesteps, reference.hidden, reference.eps, next_reference_latents))
+    reference = inputs.reference
+    stored = None if reference is None else (reference.hidden, reference.eps)
+    xs = (inputs.timesteps, reference_latents[:-1], reference_latents[1:], stored)
+    final, _ = jax.lax.scan(step, inputs.start, xs)
     return final

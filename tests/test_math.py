@@ -12,31 +12,24 @@ from diffusers.models.attention_flax import FlaxAttention
 from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionOutput
 from flax.traverse_util import flatten_dict
 
-from rival_jax.attention import (
-    FUSE,
-    QUERY_BLOCK,
-    REPLACE,
-    inject_reference,
-    own_reference,
-    unet_eps,
-    unet_eps_injected,
-    unet_eps_recording,
-)
+from rival_jax.attention import FUSE, QUERY_BLOCK, REPLACE, inject_reference, own_reference
 from rival_jax.config import RivalConfig
 from rival_jax.ddim import DDIMSchedule, ddim_step
 from rival_jax.inversion import invert
 from rival_jax.random_models import SCHEDULER_CONFIG
+from rival_jax.reference import ReferenceFeatures
 from rival_jax.sampler import (
     FUSION,
     PLAIN,
     REPLACEMENT,
-    ReferenceFeatures,
+    GenerationInputs,
     adain,
     aligned_generate,
     attention_stage,
     shuffle_within,
     start_latents,
 )
+from rival_jax.unet import Conditioning, unet_output, unet_output_injected, unet_output_recording
 
 
 class SelfAttention(nn.Module):
@@ -134,17 +127,17 @@ def test_cudnn_layer_with_a_rejected_shape_falls_back_to_blockwise(attention, mo
 def test_recording_covers_every_self_attention_layer_of_the_unet(tiny_pipe):
     unet, params = tiny_pipe.models.unet, tiny_pipe.params["unet"]
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16, 16))
-    text = tiny_pipe.encode_prompt(["", "a cat"])
-    eps, hidden = unet_eps_recording(unet, params, x, 501, text)
+    text = tiny_pipe.encode_prompt(["", "a cat"], (128, 128))
+    eps, hidden = unet_output_recording(unet, params, x, 501, text)
     blocks = {path[: path.index("attn1") + 1] for path in flatten_dict(params) if "attn1" in path}
     assert set(hidden) == blocks and len(blocks) >= 5
-    chex.assert_trees_all_close(eps, unet_eps(unet, params, x, 501, text), atol=1e-5)
+    chex.assert_trees_all_close(eps, unet_output(unet, params, x, 501, text), atol=1e-5)
     for path, states in hidden.items():
         chex.assert_shape(states, (2, None, flatten_dict(params)[(*path, "to_q", "kernel")].shape[0]))
-    same = unet_eps_injected(unet, params, x, 501, text, hidden, FUSE)
+    same = unet_output_injected(unet, params, x, 501, text, hidden, FUSE)
     chex.assert_trees_all_close(same, eps, atol=1e-4)
     swapped = {path: states[::-1] for path, states in hidden.items()}
-    assert not np.allclose(unet_eps_injected(unet, params, x, 501, text, swapped, REPLACE), eps, atol=1e-3)
+    assert not np.allclose(unet_output_injected(unet, params, x, 501, text, swapped, REPLACE), eps, atol=1e-3)
 
 
 def test_adain_gives_target_channel_statistics():
@@ -226,7 +219,7 @@ class InputFreeUNet(nn.Module):
     """A 'UNet' whose noise prediction depends on t only: DDIM inversion is then exact."""
 
     @nn.compact
-    def __call__(self, sample, t, text):
+    def __call__(self, sample, t, text, added_cond_kwargs=None):
         scale = self.param("scale", nn.initializers.ones, (4,))
         eps = jnp.sin(0.01 * t + jnp.arange(4.0)) * scale
         return FlaxUNet2DConditionOutput(sample=jnp.broadcast_to(eps[None, :, None, None], sample.shape))
@@ -236,26 +229,25 @@ def test_inversion_then_plain_ddim_reconstructs_x0():
     schedule = DDIMSchedule.from_scheduler_config(SCHEDULER_CONFIG)
     unet = InputFreeUNet()
     x0 = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8))
-    text = jnp.zeros((1, 3, 2))
-    params = unet.init(jax.random.PRNGKey(0), x0[None], 1, text)["params"]
+    text = Conditioning(text=jnp.zeros((1, 3, 2)))
+    params = unet.init(jax.random.PRNGKey(0), x0[None], 1, text.text)["params"]
     timesteps = jnp.asarray(schedule.timesteps(10))
     chain = invert(unet, params, schedule, x0, text, timesteps)
     chex.assert_shape(chain, (11, 4, 8, 8))
     assert float(jnp.abs(chain[-1] - x0).mean()) > 0.1
     reference = ReferenceFeatures(hidden={}, eps=jnp.zeros((10, 4, 8, 8)), contexts=1)
     settings = RivalConfig(guidance_scale=1.0, attention_injection=False, noise_alignment=False).as_arrays()
-    final = aligned_generate(
-        unet,
-        params,
-        schedule,
-        reference,
-        chain,
-        chain[-1:],
-        jnp.zeros((2, 3, 2)),
-        jnp.ones((8, 8), bool),
-        settings,
-        timesteps,
+    inputs = GenerationInputs(
+        start=chain[-1:],
+        chain=chain,
+        conditioning=Conditioning(text=jnp.zeros((2, 3, 2))),
+        contexts=text,
+        reference=reference,
+        region=jnp.ones((8, 8), bool),
+        settings=settings,
+        timesteps=timesteps,
     )
+    final = aligned_generate(unet, params, schedule, inputs)
     chex.assert_trees_all_close(final[0], x0, atol=1e-4)
 
 

@@ -46,7 +46,7 @@ def parity_run(reference, cache_dir):
 def test_loads_the_pytorch_safetensors_checkpoint(parity_run):
     pipe, _, _ = parity_run
     assert all(source != "flax msgpack" for source in pipe.models.sources.values())
-    assert pipe.resolution == 512 and not pipe.random_weights
+    assert pipe.default_side == 512 and not pipe.random_weights
 
 
 def test_inversion_chain_matches_authors(parity_run, reference):

@@ -22,32 +22,31 @@ def test_same_seed_same_images_and_reference_reused(tiny_pipe, tiny_chain):
     np.testing.assert_array_equal(first.images, second.images)
     other = tiny_pipe.generate(tiny_chain, num_variations=2, seed=12, output_type="np")
     assert not np.allclose(first.images, other.images)
-    assert first.images.shape == (2, tiny_pipe.resolution, tiny_pipe.resolution, 3)
+    assert first.images.shape == (2, 96, 128, 3)  # the 160x120 exemplar keeps its 4:3 shape
     assert first.images.min() >= 0.0 and first.images.max() <= 1.0
 
 
 def test_chain_layout(tiny_pipe, tiny_chain):
-    size = tiny_pipe.latent_size
-    assert tiny_chain.latents.shape == (STEPS + 1, 4, size, size)
+    assert tiny_chain.latents.shape == (STEPS + 1, 4, 12, 16) and tiny_chain.size == (128, 96)
     assert list(tiny_chain.timesteps) == sorted(tiny_chain.timesteps, reverse=True)
     reference = tiny_pipe.reference_pass(tiny_chain)
-    assert reference.eps.shape == (STEPS, 4, size, size)
+    assert reference.eps.shape == (STEPS, 4, 12, 16)
     assert all(h.shape[:2] == (STEPS, 2) for h in reference.hidden.values())
 
 
 def test_reference_pass_batches_equal_one_evaluation_per_step_and_context(tiny_pipe, exemplar):
     """Any reference batch size (here padded: 5 steps x 2 contexts in batches of 4) gives the per-step features."""
     from rival_jax import RivalPipeline
-    from rival_jax.attention import unet_eps_recording
+    from rival_jax.unet import unet_output_recording
 
     chain = tiny_pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=5)
-    batched = RivalPipeline(tiny_pipe.models, reference_batch_size=4).reference_pass(chain)
-    single = RivalPipeline(tiny_pipe.models, reference_batch_size=1).reference_pass(chain)
+    batched = RivalPipeline(tiny_pipe.models, tiny_pipe.options.replace(reference_batch_size=4)).reference_pass(chain)
+    single = RivalPipeline(tiny_pipe.models, tiny_pipe.options.replace(reference_batch_size=1)).reference_pass(chain)
     chex.assert_trees_all_close(batched, single, atol=1e-5)
     step = 2  # generation step j evaluates x_{T-j} at t_j
-    contexts = tiny_pipe.encode_prompt(["", "a photo of a cat"])
+    contexts = tiny_pipe.contexts(chain)
     latent = jnp.broadcast_to(chain.latents[5 - step], (2, *chain.latents.shape[1:]))
-    eps, hidden = unet_eps_recording(
+    eps, hidden = unet_output_recording(
         tiny_pipe.models.unet, tiny_pipe.params["unet"], latent, chain.timesteps[step], contexts
     )
     chex.assert_trees_all_close(batched.eps[step], eps[1], atol=1e-5)
@@ -62,7 +61,7 @@ def test_null_inversion_has_one_reference_context(tiny_pipe, exemplar):
 
 def test_output_types(tiny_pipe, tiny_chain):
     pil = tiny_pipe.generate(tiny_chain, num_variations=2, output_type="pil")
-    assert all(isinstance(i, Image.Image) and i.size == (128, 128) for i in pil.images)
+    assert all(isinstance(i, Image.Image) and i.size == (128, 96) for i in pil.images)
     latent = tiny_pipe.generate(tiny_chain, num_variations=2, output_type="latent")
     np.testing.assert_array_equal(latent.images, pil.latents)
 
@@ -83,20 +82,20 @@ def test_editing_starts_from_x_t(tiny_pipe, tiny_chain):
 
 
 def test_inpainting_keeps_the_exemplar_outside_the_mask(tiny_pipe, tiny_chain):
-    mask = np.zeros((128, 128), np.uint8)
+    mask = np.zeros((96, 128), np.uint8)
     mask[32:96, 16:80] = 255
     out = tiny_pipe.generate(tiny_chain, num_variations=2, mask=mask, output_type="latent")
-    region = np.zeros((16, 16), bool)
+    region = np.zeros((12, 16), bool)
     region[4:12, 2:10] = True
     x_0, x_t = np.asarray(tiny_chain.latents[0]), np.asarray(tiny_chain.latents[-1])
-    np.testing.assert_array_equal(out.latents[:, :, ~region], np.broadcast_to(x_0[:, ~region], (2, 4, 16 * 16 - 64)))
-    np.testing.assert_array_equal(out.start_latents[:, :, ~region], np.broadcast_to(x_t[:, ~region], (2, 4, 192)))
+    np.testing.assert_array_equal(out.latents[:, :, ~region], np.broadcast_to(x_0[:, ~region], (2, 4, 12 * 16 - 64)))
+    np.testing.assert_array_equal(out.start_latents[:, :, ~region], np.broadcast_to(x_t[:, ~region], (2, 4, 128)))
     assert not np.allclose(out.latents[:, :, region], x_0[None][:, :, region])
 
 
 def test_ablation_switches_remove_the_exemplar_influence(tiny_pipe, tiny_chain, exemplar):
     other = tiny_pipe.invert(exemplar[::-1, ::-1].copy(), prompt="a photo of a cat", num_inference_steps=STEPS)
-    start = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    start = np.random.default_rng(0).standard_normal((2, 4, 12, 16)).astype(np.float32)
 
     def final(chain, config):
         return tiny_pipe.generate(chain, num_variations=2, latents=start, config=config, output_type="latent").latents
@@ -111,9 +110,10 @@ def test_ablation_switches_remove_the_exemplar_influence(tiny_pipe, tiny_chain, 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"latents": np.zeros((3, 4, 16, 16))}, "latents have shape"),
+        ({"latents": np.zeros((3, 4, 12, 16))}, "latents have shape"),
         ({"mask": np.ones((100, 100))}, "mask has shape"),
-        ({"mask": np.zeros((128, 128))}, "marks no region"),
+        ({"mask": np.zeros((96, 128))}, "marks no region"),
+        ({"mask": Image.new("L", (100, 100))}, "draw the mask at the exemplar's size"),
         ({"num_variations": 0}, "num_variations"),
         ({"output_type": "tensor"}, "output_type"),
     ],
@@ -135,12 +135,16 @@ def test_invert_rejects_bad_input(tiny_pipe, exemplar):
 def test_resolution_dtype_and_attention_options(tiny_flax, exemplar):
     from rival_jax import RivalPipeline
 
-    pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, resolution=96)
-    assert pipe.dtype == np.float32 and (pipe.resolution, pipe.latent_size) == (96, 12)
+    pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, resolution=96, square_crop=True)
+    assert pipe.dtype == np.float32
     chain = pipe.invert(exemplar, num_inference_steps=2)
     assert chain.image.shape == (96, 96, 3) and chain.latents.shape == (3, 4, 12, 12)
-    with pytest.raises(RivalError, match="multiple of 32"):
-        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, resolution=100)
+    exact = RivalPipeline(pipe.models, pipe.options.replace(resolution="64x160", square_crop=False))
+    assert exact.invert(exemplar, num_inference_steps=2).latents.shape == (3, 4, 20, 8)
+    with pytest.raises(RivalError, match="multiples of 32"):
+        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, resolution="100x64")
+    with pytest.raises(RivalError, match="resolution"):
+        RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, resolution="0")
     with pytest.raises(RivalError, match="attention"):
         RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, attention="flash")
     with pytest.raises(RivalError, match="dtype"):
@@ -168,20 +172,32 @@ def test_bfloat16_changes_images_far_less_than_a_new_seed(tiny_flax, tiny_pipe, 
 
 def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
     """XLA's buffer assignment: no step copies the whole chain or the reference features."""
-    size, width = tiny_pipe.latent_size, tiny_pipe.encode_prompt([""]).shape[1:]
+    from rival_jax import parallel
+    from rival_jax.sampler import GenerationInputs
+
+    size = 16
+    contexts = tiny_pipe.encode_prompt(["", "a cat"], (128, 128))
 
     def memory(steps):
         def shaped(shape, dtype=jnp.float32):
             return jax.ShapeDtypeStruct(shape, dtype)
 
         chain, timesteps = shaped((steps + 1, 4, size, size)), shaped((steps,), jnp.int32)
-        unet = tiny_pipe.params["unet"]
-        reference = jax.eval_shape(tiny_pipe.program("reference_pass"), unet, chain, shaped((2, *width)), timesteps)
-        arguments = (unet, tiny_pipe.models.schedule, reference, chain, shaped((2, 4, size, size)))
-        arguments += (shaped((2, *width)), shaped((size, size), bool), RivalConfig().as_arrays(), timesteps)
-        analysis = jax.jit(tiny_pipe.program("generate")).lower(*arguments).compile().memory_analysis()
-        features = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(reference))
-        return analysis.temp_size_in_bytes, features
+        unet, schedule = tiny_pipe.params["unet"], tiny_pipe.models.schedule
+        reference = jax.eval_shape(tiny_pipe.reference_program(), unet, schedule, chain, contexts, timesteps)
+        inputs = GenerationInputs(
+            start=shaped((2, 4, size, size)),
+            chain=chain,
+            conditioning=contexts,
+            contexts=contexts,
+            reference=reference,
+            region=shaped((size, size), bool),
+            settings=RivalConfig().as_arrays(),
+            timesteps=timesteps,
+        )
+        arguments = (unet, *parallel.split_per_variation(inputs))
+        analysis = jax.jit(tiny_pipe.generation_program()).lower(*arguments).compile().memory_analysis()
+        return analysis.temp_size_in_bytes, reference.nbytes
 
     (temp_few, features_few), (temp_many, features_many) = memory(4), memory(40)
     assert temp_many - temp_few < 0.1 * (features_many - features_few)

@@ -1,0 +1,95 @@
+"""`rival-jax generate`: one exemplar, every application; images, grid and a JSON sidecar written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rival_jax import images
+from rival_jax.jobs import bundled_exemplar, load_pipeline, log, prepare_runtime, read_exemplar, show_progress
+from rival_jax.options import RunOptions
+from rival_jax.progress import CompileTimer
+from rival_jax.settings import generation_arguments, merge_settings
+
+
+def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> Path:
+    """Invert the exemplar, generate, and write the variations, `exemplar.png`, `grid.png` and `rival.json`.
+
+    Args:
+        job: `jobs.JOB_DEFAULTS` keys plus "exemplar" (a path; default: the bundled photograph).
+        options: the pipeline's run options.
+        row: per-exemplar settings (`settings.ROW_FIELDS`).
+
+    >>> run_generate({**JOB_DEFAULTS, "exemplar": "photo.jpg"}, RunOptions(), {"prompt": "a cat"})
+    """
+    settings = merge_settings(row)
+    exemplar_path = job.get("exemplar") or str(bundled_exemplar())
+    exemplar, mask = read_exemplar(exemplar_path, settings["mask"])
+    output = Path(job["output"])
+    prepare_runtime(job)
+    show = show_progress(job)
+    started = time.perf_counter()
+    with CompileTimer() as compiling:
+        pipe = load_pipeline(job, options)
+        clock = time.perf_counter()
+        chain = pipe.invert(exemplar, settings["inversion_prompt"], settings["steps"], show_progress=show)
+        inversion_seconds = time.perf_counter() - clock
+        clock = time.perf_counter()
+        result = pipe.generate(
+            chain,
+            **generation_arguments(settings),
+            num_variations=settings["num_variations"],
+            mask=mask,
+            show_progress=show,
+        )
+        generation_seconds = time.perf_counter() - clock
+    timings = {
+        "compile_s": compiling.seconds,
+        "inversion_s": inversion_seconds,
+        "generation_s": generation_seconds,
+        "total_s": time.perf_counter() - started,
+    }
+    files = []
+    for index, image in zip(result.indices, result.images, strict=True):
+        name = f"variation-{int(index):03d}.png"
+        images.save_png(image, output / name)
+        files.append({"file": name, "variation_index": int(index), "seed": settings["seed"]})
+    exemplar_png = chain.exemplar_image()
+    images.save_png(exemplar_png, output / "exemplar.png")
+    images.save_png(images.grid([exemplar_png, *result.images]), output / "grid.png")
+    sidecar = {
+        "rival_jax_version": metadata.version("rival-jax"),
+        "model": str(job["model"]),
+        "model_path": str(pipe.models.path),
+        "family": pipe.models.family,
+        "random_weights": pipe.random_weights,
+        "dtype": str(np.dtype(pipe.dtype)),
+        "size": list(chain.size),
+        "run_options": {k: v for k, v in vars(options).items()},
+        "reference_mode": result.reference_mode,
+        "exemplar": str(exemplar_path),
+        "exemplar_sha256": hashlib.sha256(Path(exemplar_path).read_bytes()).hexdigest(),
+        "task": settings["task"],
+        "prompt": settings["prompt"],
+        "inversion_prompt": settings["inversion_prompt"],
+        "negative_prompt": settings["negative_prompt"],
+        "mask": settings["mask"],
+        "num_inference_steps": settings["steps"],
+        "seed": settings["seed"],
+        "config": settings["config"].as_dict(),
+        "images": files,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "devices": f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].device_kind}",
+    }
+    images.save_json(sidecar, output / "rival.json")
+    log(
+        f"compile {timings['compile_s']:.1f} s; inversion {inversion_seconds:.1f} s, "
+        f"generation {generation_seconds:.1f} s (both include compiling on first use)"
+    )
+    print(output / "grid.png")
+    return output

@@ -1,0 +1,69 @@
+"""What every job (`generate`, `augment`) does around the pipeline: runtime, model, exemplars, logging.
+
+A job receives the run options (`RunOptions`), the job options (`JOB_DEFAULTS`) and per-exemplar
+settings (`settings`), already layered by the CLI or a config file.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from rival_jax import images
+from rival_jax.options import RunOptions
+
+# Options of a job that are neither run options of the pipeline nor per-exemplar settings.
+JOB_DEFAULTS: dict[str, Any] = {
+    "model": "tiny",
+    "output": "rival-output",
+    "cache_dir": None,
+    "compile_cache": True,
+    "progress": None,
+}
+
+
+def bundled_exemplar() -> Path:
+    """The photograph shipped with the package, the default exemplar."""
+    return Path(str(resources.files("rival_jax") / "assets" / "exemplar.png"))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_runtime(job: dict[str, Any]) -> None:
+    """Process-wide settings: the persistent compilation cache unless switched off."""
+    from rival_jax.runtime import enable_compilation_cache
+
+    if job["compile_cache"]:
+        enable_compilation_cache(None if job["compile_cache"] is True else job["compile_cache"])
+
+
+def load_pipeline(job: dict[str, Any], options: RunOptions) -> Any:
+    """The job's `RivalPipeline`, with a line about the model and devices on stderr."""
+    from rival_jax.pipeline import RivalPipeline
+
+    pipe = RivalPipeline.from_pretrained(job["model"], options=options, cache_dir=job["cache_dir"] or True)
+    if pipe.random_weights:
+        log(
+            f"model: built-in {job['model']} model ({pipe.models.family}) with RANDOM weights - its images are "
+            "noise (use --model for a real checkpoint)"
+        )
+    sources = ", ".join(f"{k}: {v}" for k, v in pipe.models.sources.items())
+    devices = f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].platform}"
+    log(f"model: {pipe.models.path} ({pipe.models.family}; {sources}); devices: {devices}")
+    return pipe
+
+
+def show_progress(job: dict[str, Any]) -> bool:
+    return sys.stderr.isatty() if job["progress"] is None else bool(job["progress"])
+
+
+def read_exemplar(path: str | Path, mask: str | Path | None) -> tuple[Image.Image, Image.Image | None]:
+    """An exemplar as RGB and its optional mask (drawn at the exemplar's size), with one-line errors."""
+    exemplar = images.as_rgb(images.open_image(path), f"exemplar {path}")
+    return exemplar, images.open_mask(mask, exemplar.size) if mask else None

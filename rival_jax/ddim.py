@@ -1,11 +1,13 @@
 """DDIM schedule and the one deterministic step that both inversion and generation take.
 
 The noise schedule comes from diffusers' `FlaxDDIMScheduler` built from the checkpoint's scheduler
-config with the settings of ALGORITHM.md section 0 forced (DDIM, eta = 0, `set_alpha_to_one=False`,
-`steps_offset=1`, no sample clipping).
+config with the settings of docs/method.md ("DDIM") forced (eta = 0, `set_alpha_to_one=False`,
+`steps_offset=1`, no sample clipping), whatever scheduler the checkpoint ships (SDXL's is Euler).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,8 @@ class DDIMSchedule:
                 f"scheduler prediction_type={prediction!r} is not supported: use a checkpoint that predicts "
                 f"{' or '.join(PREDICTION_TYPES)} (SD 1.x, SD 2.x, SDXL)"
             )
-        settings = {k: v for k, v in config.items() if not k.startswith("_")} | DDIM_OVERRIDES
+        accepted = inspect.signature(FlaxDDIMScheduler.__init__).parameters
+        settings = {k: v for k, v in config.items() if k in accepted} | DDIM_OVERRIDES
         scheduler = FlaxDDIMScheduler.from_config(settings)
         state = scheduler.create_state()
         return cls(

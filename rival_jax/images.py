@@ -15,9 +15,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from rival_jax.errors import RivalError
 
-
-# Relative (log) difference of aspect ratios under which a larger processed size is preferred.
-ASPECT_TOLERANCE = 0.02
+# The processed exemplar fills at least this share of the model's pixel budget.
+MIN_FILL = 0.7
 
 
 def open_image(path: str | os.PathLike, what: str = "exemplar") -> Image.Image:
@@ -52,8 +51,8 @@ def target_size(
     """(W, H) the exemplar is processed at (docs/method.md, "Geometry").
 
     `size` None or W is a pixel budget (default_side^2 or W^2) and sides are multiples of `multiple`:
-    the largest such size within the budget whose aspect ratio is within `ASPECT_TOLERANCE` of the
-    image's (1:1 with `square`), else the one nearest in aspect ratio. (W, H) is taken as is.
+    of the sizes that fill at least `MIN_FILL` of the budget without exceeding it, the one nearest
+    to the image's aspect ratio (1:1 with `square`), the larger on a tie. (W, H) is taken as is.
     """
     if isinstance(size, tuple):
         width, height = size
@@ -64,19 +63,11 @@ def target_size(
         return width, height
     budget = (size or default_side) ** 2
     aspect = 1.0 if square else image_size[0] / image_size[1]
-    candidates = {(multiple, multiple)}
-    for height in range(multiple, budget // multiple + 1, multiple):
-        ideal = height * aspect / multiple
-        for width in {max(1, int(ideal)) * multiple, (int(ideal) + 1) * multiple}:
-            if width * height <= budget:
-                candidates.add((width, height))
-
-    def preference(candidate: tuple[int, int]) -> tuple[bool, float]:
-        error = abs(np.log(candidate[0] / candidate[1] / aspect))
-        close = bool(error <= ASPECT_TOLERANCE)
-        return close, candidate[0] * candidate[1] if close else -error
-
-    return max(candidates, key=preference)
+    sides = range(multiple, budget // multiple + 1, multiple)
+    fitting = [(w, h) for h in sides for w in sides if w * h <= budget] or [(multiple, multiple)]
+    largest = max(w * h for w, h in fitting)
+    candidates = [(w, h) for w, h in fitting if w * h >= MIN_FILL * largest]
+    return min(candidates, key=lambda c: (round(abs(float(np.log(c[0] / c[1] / aspect))), 6), -c[0] * c[1]))
 
 
 def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:

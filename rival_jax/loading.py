@@ -93,6 +93,10 @@ def resolve_model_folder(name_or_path: str | os.PathLike, variant: str | None = 
     A hub download fetches the configs first and refuses an unsupported checkpoint before any
     weights are fetched; then the weights of the family's components (of `variant` if given,
     else the plain files, or every variant's where a component has no plain file).
+
+    Args:
+        name_or_path: a local diffusers folder or a hub id (org/name).
+        variant: weight file variant to download, e.g. 'fp16'.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -126,18 +130,30 @@ def load_models(
     dtype: jnp.dtype = jnp.float32,
     cache_dir: Path | bool | None = True,
     variant: str | None = None,
+    base_model: str | os.PathLike | None = None,
 ) -> LoadedModels:
     """Load every component of an SD 1.x, SD 2.x or SDXL base checkpoint.
 
     Args:
-        name_or_path: a local diffusers folder or a hub id.
+        name_or_path: a local diffusers folder, a hub id, or a single-file checkpoint in the original
+            layout (`.safetensors`), converted once into a diffusers folder (`single_file`).
         dtype: dtype of the modules' computation and of the returned params.
         cache_dir: where converted safetensors are cached; True uses `default_cache_dir()`, False/None disables it.
         variant: weight file variant such as 'fp16' (read and upcast); None reads the plain weight files, or
             a component's only variant where it has no plain file.
+        base_model: for a single-file checkpoint, the diffusers folder or hub id of the same family whose
+            configs, scheduler and tokenizers it uses (single files carry none).
+
+    >>> models = load_models("/models/stable-diffusion-xl-base-1.0", dtype=jnp.bfloat16, variant="fp16")
     """
     from transformers import CLIPTokenizer
 
+    cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    if Path(name_or_path).expanduser().is_file():
+        from rival_jax.single_file import convert_single_file
+
+        base = resolve_model_folder(base_model) if base_model is not None else None
+        name_or_path = convert_single_file(Path(name_or_path).expanduser(), base, cache_dir=cache)
     folder = resolve_model_folder(name_or_path, variant)
     index = read_json(folder / "model_index.json")
     family = detect_family(folder, index)
@@ -146,7 +162,6 @@ def load_models(
     for tokenizer in tokenizers:
         if not (folder / tokenizer / "vocab.json").is_file():
             raise RivalError(f"{folder / tokenizer} has no vocab.json: the model folder is incomplete")
-    cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     modules, params, sources = {}, {}, {}
     for name in ("unet", "vae", *encoders):
         modules[name], raw, sources[name] = load_component(folder, name, dtype, cache, variant)

@@ -44,6 +44,8 @@ class RunOptions:
         reference_batch_size: UNet batch of the exemplar's reference pass (memory against speed).
         variant: weight file variant to read, e.g. "fp16" (`*.fp16.safetensors`); found by itself
             when a folder holds only one variant.
+        base_model: for a single-file checkpoint (one original-layout `.safetensors`), a diffusers
+            folder or hub id of the same family that supplies configs, scheduler and tokenizers.
 
     >>> RunOptions(resolution="768x512", reference_mode="recompute").size
     (768, 512)
@@ -62,6 +64,9 @@ class RunOptions:
     )
     reference_batch_size: int = _option(8, "UNet batch of the exemplar's reference pass (lower saves memory)")
     variant: str | None = _option(None, "weight file variant, e.g. fp16")
+    base_model: str | None = _option(
+        None, "for a single-file .safetensors model: a diffusers folder of its family (configs, tokenizers)"
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

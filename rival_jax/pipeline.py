@@ -99,9 +99,8 @@ class RivalPipeline:
         if name in TINY_MODELS and not Path(name).exists():
             tiny_cache = None if isinstance(cache_dir, bool) or cache_dir is None else Path(cache_dir)
             name_or_path = tiny_checkpoint(cache_dir=tiny_cache, family=TINY_MODELS[name])
-        models = load_models(
-            name_or_path, dtype=resolve_dtype(options.dtype), cache_dir=cache_dir, variant=options.variant
-        )
+        dtype = resolve_dtype(options.dtype)
+        models = load_models(name_or_path, dtype, cache_dir, variant=options.variant, base_model=options.base_model)
         return cls(models, options)
 
     @property
@@ -236,7 +235,7 @@ class RivalPipeline:
         chain: InversionChain,
         prompt: str | None = None,
         negative_prompt: str = "",
-        num_variations: int = 1,
+        num_variations: int | None = None,
         seed: int = 0,
         config: RivalConfig | None = None,
         latents: Any = None,
@@ -252,7 +251,8 @@ class RivalPipeline:
             chain: from `invert`.
             prompt: the generated images' prompt (default: the inversion prompt, i.e. image variation).
             negative_prompt: of the generated images (SDXL: empty = zeros, see `prompts`).
-            num_variations: how many images (ignored when `variation_indices` is given).
+            num_variations: how many images (default: as many as `latents`, else 1; ignored when
+                `variation_indices` is given).
             seed: variation i of a seed always starts from fold_in(PRNGKey(seed), i).
             config: the method's settings (`RivalConfig`).
             latents: optional start latents (N, 4, h, w) that replace the initialisation.
@@ -271,6 +271,8 @@ class RivalPipeline:
         if output_type not in ("pil", "np", "latent"):
             raise RivalError(f"output_type {output_type!r} is unknown: use 'pil', 'np' or 'latent'")
         if variation_indices is None:
+            if num_variations is None:
+                num_variations = 1 if latents is None else len(latents)
             if not isinstance(num_variations, int) or num_variations < 1:
                 raise RivalError(f"num_variations={num_variations!r} is out of range: use an integer >= 1")
             variation_indices = range(num_variations)

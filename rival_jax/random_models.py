@@ -54,6 +54,18 @@ TEXT_ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIP
 # Output layers rescaled so latents and noise predictions are O(1), like a trained model's.
 VAE_QUANT_SCALE = 10.0
 UNET_OUT_SCALE = 1.6
+# Normals per draw; threefry needs about 3x the draw in temporaries, too much for an SDXL UNet in one go.
+MAX_DRAW = 1 << 27
+
+
+def _normal_draw(key: jax.Array, size: int) -> np.ndarray:
+    """`size` standard normals, drawn in chunks beyond MAX_DRAW to bound the device memory a draw takes."""
+    if size <= MAX_DRAW:
+        return np.asarray(jax.random.normal(key, (size,), dtype=np.float32))
+    noise = np.empty(size, np.float32)
+    for i, start in enumerate(range(0, size, MAX_DRAW)):
+        noise[start : start + MAX_DRAW] = _normal_draw(jax.random.fold_in(key, i), min(MAX_DRAW, size - start))
+    return noise
 
 
 def random_params(shapes: dict, key: jax.Array) -> dict:
@@ -64,7 +76,7 @@ def random_params(shapes: dict, key: jax.Array) -> dict:
     """
     flat = sorted(flatten_dict(shapes).items())
     sizes = [int(np.prod(spec.shape)) for _, spec in flat]
-    noise = np.asarray(jax.random.normal(key, (sum(sizes),), dtype=np.float32))
+    noise = _normal_draw(key, sum(sizes))
     params, offset = {}, 0
     for (path, spec), size in zip(flat, sizes, strict=True):
         draw, offset = noise[offset : offset + size].reshape(spec.shape), offset + size

@@ -255,8 +255,8 @@ def convert_single_file(
         raise RivalError(f"family={family!r} is not supported: use one of {', '.join(FAMILIES)} or None to detect it")
     if config_folder is None:
         raise RivalError(
-            f"single-file checkpoints need config_folder (a diffusers folder of the same family, e.g. the base "
-            f"model's) for the tokenizer and configs: pass it to convert {path.name}"
+            f"single-file checkpoint {path.name} needs a base model for its configs and tokenizer: pass "
+            "--base-model (Python: base_model=) with a diffusers folder of its family, e.g. the base model's"
         )
     config_folder = Path(config_folder)
     _check_file(path)

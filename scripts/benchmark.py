@@ -1,16 +1,19 @@
 """Side-by-side cost of RIVAL variations against plain Stable Diffusion images on one device.
 
-For each N it compiles and times, on the same UNet, steps, guidance, resolution and batch:
-plain text-to-image (classifier-free guidance, DDIM), and RIVAL's inversion + reference pass +
-aligned generation of N variations. Plain and RIVAL runs alternate and each keeps its fastest of
-`--repeats`. It prints time per variation / time per plain image (the figure we steer by), UNet
-evaluations per variation, compile times, the memory XLA assigned to each program and the device's
-peak memory where the backend reports it. `--stages` also times the generation program with every
-step forced into one attention stage, to show where the time goes.
+For each N it compiles and times, on the same UNet, steps, guidance, image size and batch: plain
+text-to-image (classifier-free guidance, DDIM, as diffusers' Flax pipelines), and RIVAL's
+inversion + reference pass (reference mode "keep" only) + aligned generation of N variations.
+Plain and RIVAL runs alternate and each keeps its fastest of `--repeats`. It prints time per
+variation / time per plain image (the figure we steer by), UNet evaluations per variation, compile
+times, the exemplar's feature size and the reference mode picked, the memory XLA assigned to each
+program and the device's peak memory where the backend reports it. `--stages` also times the
+generation program with every step forced into one attention stage, to show where the time goes.
+The run-option flags (--dtype, --resolution, --attention, --reference-mode, ...) are the CLI's.
 
-    python scripts/benchmark.py                                  # tiny model, CPU-friendly
-    python scripts/benchmark.py --sd15-random --resolution 256 --steps 3
-    python scripts/benchmark.py --sd15-random --resolution 512 --steps 50 --dtype bfloat16   # GPU/TPU
+    python scripts/benchmark.py                                   # tiny SD 1.x model, CPU-friendly
+    python scripts/benchmark.py --model tiny-sdxl --reference-mode recompute --steps 3 --counts 2
+    python scripts/benchmark.py --family sdxl --resolution 256 --steps 3 --counts 2
+    python scripts/benchmark.py --family sdxl --resolution 1024 --steps 30 --dtype bfloat16 --counts 4,8   # GPU
 """
 
 from __future__ import annotations
@@ -24,40 +27,55 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rival_jax import RivalConfig, RivalError, RivalPipeline
-from rival_jax.attention import own_reference, unet_eps
-from rival_jax.cli import bundled_exemplar
-from rival_jax.config import REFERENCE_BATCH_SIZE
+from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions, parallel
+from rival_jax.attention import own_reference
+from rival_jax.cli import FAMILIES, _add_run_options
 from rival_jax.ddim import DDIMSchedule, ddim_step
-from rival_jax.parallel import batch_sharding, pad_to
-from rival_jax.pipeline import resolve_dtype
-from rival_jax.random_models import random_sd15_models
-from rival_jax.sampler import reference_batches
+from rival_jax.jobs import bundled_exemplar
+from rival_jax.options import FIELDS, resolve_dtype
+from rival_jax.random_models import random_full_models
+from rival_jax.reference import reference_batches
+from rival_jax.sampler import GenerationInputs
+from rival_jax.unet import Conditioning, unet_output
 
+# `--stages`: the RivalConfig switches that put every step in one attention stage (AdaIN off).
 STAGES = {
-    "plain": RivalConfig(attention_injection=False, noise_alignment=False),
-    "replacement": RivalConfig(t_align=0, noise_alignment=False),
-    "fusion": RivalConfig(early_replacement=False, noise_alignment=False),
+    "plain": {"attention_injection": False, "noise_alignment": False},
+    "replacement": {"t_align": 0, "noise_alignment": False},
+    "fusion": {"early_replacement": False, "noise_alignment": False},
 }
 
 
-def plain_generate(unet, kernel, params, schedule: DDIMSchedule, start, texts, timesteps, guidance):
-    """Plain SD text-to-image: CFG + DDIM over the same UNet (what FlaxStableDiffusionPipeline does).
+def plain_generate(
+    unet: Any,
+    kernel: str | None,
+    guidance: float,
+    params: Any,
+    schedule: DDIMSchedule,
+    start: jnp.ndarray,
+    conditioning: Conditioning,
+    timesteps: jnp.ndarray,
+) -> jnp.ndarray:
+    """Plain text-to-image from `start` (N, 4, h, w): CFG + DDIM, as diffusers' Flax SD and SDXL pipelines.
 
-    kernel: None for diffusers' own self-attention, else the injected layers' attention implementation
+    conditioning: [negative prompt, prompt]. The raw UNet output is turned into noise
+    (`schedule.epsilon`, v-prediction for SD 2.x 768) before guidance, which is the same since both
+    are linear. kernel: None for diffusers' own self-attention, else the injected layers' kernel
     ("xla" or "cudnn") computes every self-attention layer (like-for-like baseline).
     """
     count, stride = start.shape[0], schedule.stride(timesteps.shape[0])
-    batch_texts = jnp.repeat(texts, count, axis=0)
+    batch_cond = conditioning.repeat(count)
 
-    def step(x, t):
+    def step(x: jnp.ndarray, t: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+        latents = jnp.concatenate([x, x])
         with own_reference(kernel) if kernel else contextlib.nullcontext():
-            eps = unet_eps(unet, params, jnp.concatenate([x, x]), t, batch_texts)
+            output = unet_output(unet, params, latents, t, batch_cond)
+        alpha = schedule.alpha(t)
+        eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
         eps_uncond, eps_cond = jnp.split(eps, 2)
         guided = eps_uncond + guidance * (eps_cond - eps_uncond)
-        return ddim_step(x, guided, schedule.alpha(t), schedule.alpha(t - stride)).astype(x.dtype), None
+        return ddim_step(x, guided, alpha, schedule.alpha(t - stride)).astype(x.dtype), None
 
     return jax.lax.scan(step, start, timesteps)[0]
 
@@ -79,6 +97,7 @@ class Program:
         )
 
     def run(self, *args: Any) -> Any:
+        """Run on `args` (default: the compile-time ones); keeps the fastest time."""
         clock = time.perf_counter()
         result = jax.block_until_ready(self.compiled(*(args or self.args)))
         self.seconds = min(self.seconds, time.perf_counter() - clock)
@@ -86,13 +105,10 @@ class Program:
 
 
 def peak_memory() -> str:
+    """The first device's peak memory in use, where the backend reports it."""
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return f"{peak / 2**30:.2f} GiB" if peak else "n/a (backend does not report)"
-
-
-def tree_gib(tree: Any) -> float:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)) / 2**30
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -112,84 +128,104 @@ def counts(text: str) -> list[int]:
     return [positive(value) for value in text.split(",")]
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="diffusers SD 1.x folder, hub id, or 'tiny'")
-    parser.add_argument("--sd15-random", action="store_true", help="full SD 1.5 architecture with random weights")
-    parser.add_argument("--resolution", type=int, help="image size (default: the model's)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla", help="injected attention backend")
-    parser.add_argument("--reference-batch-size", type=int, default=REFERENCE_BATCH_SIZE, help="reference pass batch")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default="tiny", help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny-sd2 ...")
+    source.add_argument("--family", choices=FAMILIES, help="full SD 1.5/2.1/SDXL base architecture, random weights")
+    _add_run_options(parser)
+    parser.add_argument("--steps", type=positive, default=10)
     parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--repeats", type=positive, default=2, help="timed runs per program (fastest kept)")
     parser.add_argument("--stages", action="store_true", help="also time each attention stage at the last N")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    dtype = resolve_dtype(args.dtype)
-    options = {
-        "resolution": args.resolution,
-        "attention": args.attention,
-        "reference_batch_size": args.reference_batch_size,
-    }
-    if args.sd15_random:
-        pipe = RivalPipeline(random_sd15_models(dtype), dtype, **options)
+
+def load_pipeline(args: argparse.Namespace) -> RivalPipeline:
+    """The pipeline on `--family` (random full architecture) or `--model`, with the run options given."""
+    options = RunOptions(**{name: value for name, value in vars(args).items() if name in FIELDS})
+    if args.family:
+        return RivalPipeline(random_full_models(args.family, resolve_dtype(options.dtype)), options)
+    return RivalPipeline.from_pretrained(args.model, options)
+
+
+def main() -> None:
+    args = parse_arguments()
+    pipe = load_pipeline(args)
+    options, models, device = pipe.options, pipe.models, jax.devices()[0]
+    weights = "random weights" if pipe.random_weights else "trained weights"
+    print(f"model: {models.path} ({models.family}, {weights}); ", end="")
+    print(f"device: {device.device_kind} ({device.platform}) x {pipe.mesh.size}; dtype {pipe.dtype.__name__}")
+
+    params, schedule = pipe.params["unet"], models.schedule
+    timesteps = schedule.timesteps(args.steps)
+    pixels, x0, source_size = pipe.encode_image(str(bundled_exemplar()))
+    size = (pixels.shape[1], pixels.shape[0])
+    inversion_args = (params, schedule, x0, pipe.encode_prompt([args.prompt], size), jnp.asarray(timesteps))
+    inversion = Program(pipe.inversion_program(), *inversion_args)
+    for _ in range(args.repeats):
+        chain = InversionChain(inversion.run(), timesteps, args.prompt, pixels, source_size)
+    latent_height, latent_width = chain.latents.shape[-2:]
+    print(f"image {size[0]}x{size[1]} (latent {latent_width}x{latent_height}), {args.steps} steps, ", end="")
+    print(f"exemplar prompt {args.prompt!r}, guidance {args.guidance}, attention {options.attention}")
+    print(f"inversion: compile {inversion.compile_seconds:.1f} s, run {inversion.seconds:.3f} s", flush=True)
+
+    contexts, mode = pipe.contexts(chain), pipe.reference_mode(chain)
+    print(f"reference mode {mode} (option {options.reference_mode}); exemplar features ", end="")
+    print(f"{pipe.reference_feature_bytes(chain) / 2**30:.3f} GiB", end="")
+    exemplar_programs = {"inversion": inversion}
+    if mode == "keep":
+        reference_args = (params, schedule, chain.latents, contexts, jnp.asarray(timesteps))
+        reference = Program(pipe.reference_program(), *reference_args)
+        for _ in range(args.repeats):
+            chain.reference = reference.run()
+        exemplar_programs["reference pass"] = reference
+        batches, per_batch = reference_batches(args.steps * contexts.size, options.reference_batch_size)
+        exemplar_evals = batches * per_batch
+        print(", kept")
+        print(f"reference pass: compile {reference.compile_seconds:.1f} s, run {reference.seconds:.3f} s ", end="")
+        print(f"({exemplar_evals} UNet evaluations in batches of <= {options.reference_batch_size})", flush=True)
     else:
-        pipe = RivalPipeline.from_pretrained(args.model, dtype=dtype, **options)
-    device = jax.devices()[0]
-    name = "SD 1.5 architecture, random weights" if args.sd15_random else str(pipe.models.path)
-    print(f"model: {name}; device: {device.device_kind} ({device.platform}) x {pipe.mesh.size}; dtype {dtype.__name__}")
-    print(f"resolution {pipe.resolution}x{pipe.resolution} (latent {pipe.latent_size}), {args.steps} steps, ", end="")
-    print(f"exemplar prompt {args.prompt!r}, guidance {args.guidance}, attention {args.attention}", flush=True)
+        exemplar_evals = args.steps * contexts.size
+        print(f", not stored: {contexts.size} exemplar entries recomputed in every generation step", flush=True)
 
-    unet, params, schedule = pipe.models.unet, pipe.params["unet"], pipe.models.schedule
-    timesteps = jnp.asarray(schedule.timesteps(args.steps))
-    _, x0 = pipe.encode_image(str(bundled_exemplar()))
-    contexts = pipe.encode_prompt([""] if args.prompt == "" else ["", args.prompt])
-    texts = pipe.encode_prompt(["", args.prompt])
-    invert = pipe.program("invert")
-    inversion = Program(lambda p, x, t, ts: invert(p, schedule, x, t, ts), params, x0, contexts[-1:], timesteps)
-    for _ in range(args.repeats):
-        chain = inversion.run()
-    reference_program = Program(pipe.program("reference_pass"), params, chain, contexts, timesteps)
-    for _ in range(args.repeats):
-        reference = reference_program.run()
-    batches, per_batch = reference_batches(args.steps * contexts.shape[0], args.reference_batch_size)
-    reference_evals = batches * per_batch
-    print(f"inversion: compile {inversion.compile_seconds:.1f} s, run {inversion.seconds:.3f} s")
-    print(
-        f"reference pass: compile {reference_program.compile_seconds:.1f} s, run {reference_program.seconds:.3f} s "
-        f"({reference_evals} UNet evaluations in batches of <= {args.reference_batch_size}); "
-        f"features {tree_gib(reference):.3f} GiB",
-        flush=True,
-    )
-
-    settings = RivalConfig(guidance_scale=args.guidance).as_arrays()
-    region = jnp.ones((pipe.latent_size, pipe.latent_size), bool)
+    config = RivalConfig(guidance_scale=args.guidance)
+    conditioning = pipe.encode_prompt(["", args.prompt], size)
     rows, memory = [], []
     for count in args.counts:
-        noise = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (count, 4, pipe.latent_size, pipe.latent_size)))
-        start = jax.device_put(pad_to(noise, count), batch_sharding(pipe.mesh))
-        plain_args = (params, schedule, start, texts, timesteps)
+        length = parallel.padded_length(count, pipe.mesh)
+        noise = jax.random.normal(jax.random.PRNGKey(0), (length, *chain.latents.shape[1:]))
+        start = jax.device_put(noise, parallel.batch_sharding(pipe.mesh))
+        plain_args = (params, schedule, start, conditioning, jnp.asarray(timesteps))
         plains = [
-            Program(functools.partial(plain_generate, unet, kernel, guidance=args.guidance), *plain_args)
-            for kernel in (None, args.attention)
+            Program(functools.partial(plain_generate, models.unet, kernel, args.guidance), *plain_args)
+            for kernel in (None, options.attention)
         ]
-        generation_args = (params, schedule, reference, chain, start, texts, region, settings, timesteps)
-        generation = Program(pipe.program("generate"), *generation_args)
+        inputs = GenerationInputs(
+            start=start,
+            chain=chain.latents,
+            conditioning=conditioning,
+            contexts=contexts,
+            reference=chain.reference,
+            region=jnp.ones((latent_height, latent_width), bool),
+            settings=config.as_arrays(),
+            timesteps=jnp.asarray(timesteps),
+        )
+        per_variation, shared = parallel.split_per_variation(inputs)
+        generation = Program(pipe.generation_program(), params, per_variation, shared)
         for _ in range(args.repeats):
             for program in (*plains, generation):
                 program.run()
-        rival_seconds = inversion.seconds + reference_program.seconds + generation.seconds
+        rival_seconds = sum(program.seconds for program in exemplar_programs.values()) + generation.seconds
         plain_seconds = [program.seconds for program in plains]
         rows.append(
             (
                 count,
                 rival_seconds / plain_seconds[0],
                 rival_seconds / plain_seconds[1],
-                (args.steps + reference_evals + 2 * args.steps * count) / count,
+                (args.steps + exemplar_evals + 2 * args.steps * count) / count,
                 2 * args.steps,
                 rival_seconds / count,
                 generation.seconds,
@@ -204,20 +240,23 @@ def main() -> None:
     print()
     header = ("N", "ratio", "ratio*", "UNet/var", "UNet/plain", "s/var", "gen s", "plain s", "plain* s")
     print(table((*header, "gen compile", "plain compile"), rows))
-    print("\nratio = (inversion + reference pass + generation of N) / N  /  (plain batch of N / N)")
+    print(f"\nratio = ({' + '.join(exemplar_programs)} + generation of N) / N  /  (plain batch of N / N)")
     print("plain: diffusers' UNet as is; plain*: its self-attention layers computed by the kernel of RIVAL's")
-    print(f"injected layers ({args.attention}), so ratio* is the cost of the method alone")
+    print(f"injected layers ({options.attention}), so ratio* is the cost of the method alone")
+    if mode == "recompute":
+        print(f"UNet/var counts the {contexts.size} exemplar entries each generation step recomputes")
     print(f"\nprogram memory (XLA buffer assignment: arguments + outputs + temporaries), device {device.device_kind}:")
-    print(f"inversion {inversion.gib:.2f} GiB; reference pass {reference_program.gib:.2f} GiB")
+    print("; ".join(f"{name} {program.gib:.2f} GiB" for name, program in exemplar_programs.items()))
     print(table(("N", "gen GiB", "plain GiB"), memory))
     print(f"peak device memory: {peak_memory()}")
 
     if args.stages:
         print(f"\nN={count}, generation with every step in one attention stage (AdaIN off) / plain*:")
-        for stage, config in STAGES.items():
+        for stage, switches in STAGES.items():
             generation.seconds = float("inf")
+            settings = RivalConfig(guidance_scale=args.guidance, **switches).as_arrays()
             for _ in range(args.repeats):
-                generation.run(*generation_args[:7], config.as_arrays(), timesteps)
+                generation.run(params, per_variation, {**shared, "settings": settings})
             print(f"{stage:>12} | {generation.seconds / plains[1].seconds:.3f}")
 
 

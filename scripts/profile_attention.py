@@ -23,7 +23,7 @@ from diffusers.models.attention_flax import FlaxAttention
 
 from rival_jax import RivalError
 from rival_jax.attention import FUSE, REPLACE, inject_reference, own_reference
-from rival_jax.pipeline import check_attention, resolve_dtype
+from rival_jax.options import check_attention, resolve_dtype
 
 
 class SelfAttention(nn.Module):

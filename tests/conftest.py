@@ -61,3 +61,29 @@ def exemplar():
 @pytest.fixture(scope="session")
 def tiny_chain(tiny_pipe, exemplar):
     return tiny_pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rival_jax.random_models import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd2"), seed=0, family="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rival_jax.random_models import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sdxl"), seed=0, family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def family_pipes(tiny_pipe, tiny_sd2: Path, tiny_sdxl: Path) -> dict:
+    """One loaded tiny pipeline per family."""
+    from rival_jax import RivalPipeline
+
+    return {
+        "sd1": tiny_pipe,
+        "sd2": RivalPipeline.from_pretrained(tiny_sd2, cache_dir=None),
+        "sdxl": RivalPipeline.from_pretrained(tiny_sdxl, cache_dir=None),
+    }

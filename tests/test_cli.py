@@ -58,7 +58,7 @@ def test_every_task_writes_images_grid_and_sidecar(capsys, tmp_path, tiny_flax, 
         "variation-000.png",
         "variation-001.png",
     ]
-    assert Image.open(out / "grid.png").size == (3 * 128, 128)
+    assert Image.open(out / "grid.png").size == (3 * 128, 96)  # the 160x120 exemplar keeps its 4:3 shape
     sidecar = json.loads((out / "rival.json").read_text())
     assert sidecar["task"] == task and sidecar["seed"] == 5 and sidecar["num_inference_steps"] == 3
     assert sidecar["random_weights"] is True
@@ -116,6 +116,10 @@ def _image(tmp_path, name, mode, size=(40, 30)):
         (lambda t, m, e: [e, "--model", t], "not a diffusers model folder"),
         (lambda t, m, e: [e, "--config", (t / "c.json").write_text("{") and t / "c.json"], "not valid JSON"),
         (lambda t, m, e: [e, "--config", (t / "c.json").write_text('{"tee": 1}') and t / "c.json"], "unknown setting"),
+        (lambda t, m, e: [e, "--resolution", "0"], "resolution '0'"),
+        (lambda t, m, e: [e, "--resolution", "100x64"], "multiples of 32"),
+        (lambda t, m, e: [e, "--reference-batch-size", "0"], "reference_batch_size=0"),
+        (lambda t, m, e: [e, "--config", (t / "c.json").write_text('{"dtype": "f8"}') and t / "c.json"], "dtype 'f8'"),
     ],
 )
 def test_bad_input_gets_a_one_line_error(capsys, tmp_path, tiny_flax, exemplar_file, make_args, message):
@@ -149,7 +153,31 @@ def test_console_script_on_the_builtin_defaults(tmp_path, cache_dir):
     assert Image.open(tmp_path / "grid.png").size == (2 * 128, 128)
 
 
-def test_make_tiny_writes_a_loadable_checkpoint(capsys, tmp_path):
-    code, stdout, _ = _run(capsys, "make-tiny", tmp_path / "tiny", "--format", "safetensors")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_make_tiny_writes_a_loadable_checkpoint(capsys, tmp_path, family):
+    from rival_jax.loading import load_models
+
+    code, stdout, _ = _run(capsys, "make-tiny", tmp_path / "tiny", "--format", "safetensors", "--family", family)
     assert code == 0 and stdout.strip() == str(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert load_models(tmp_path / "tiny", cache_dir=None).family == family
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "size"),
+    [
+        ("tiny-sdxl", [], (128, 96)),
+        ("tiny-sd2", ["--reference-mode", "recompute"], (160, 128)),
+        ("tiny-sd2", ["--square-crop"], (160, 160)),
+    ],
+)
+def test_builtin_families_keep_the_exemplar_aspect_ratio(capsys, tmp_path, model, extra, size):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (480, 640, 3), np.uint8)).save(photo)
+    out = tmp_path / "out"
+    code, _, stderr = _run(capsys, "generate", photo, "--model", model, "-o", out, *FAST, *extra)
+    assert code == 0, stderr
+    sidecar = json.loads((out / "rival.json").read_text())
+    assert sidecar["family"] == model.removeprefix("tiny-") and tuple(sidecar["size"]) == size
+    assert Image.open(out / "variation-001.png").size == size
+    assert sidecar["reference_mode"] == ("recompute" if extra[:1] == ["--reference-mode"] else "keep")

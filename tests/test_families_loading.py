@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from rival_jax.architectures import FULL
 from rival_jax.checkpoints import WEIGHTS, params_layout, variant_file
 from rival_jax.families import FAMILIES, TEXT_COMPONENTS, detect_family
 from rival_jax.loading import load_models
-from rival_jax.random_models import build_modules, random_full_models, tiny_checkpoint, write_tiny_checkpoint
+from rival_jax.random_models import build_modules, random_full_models, write_tiny_checkpoint
 
 # family -> (prediction_type, force_zeros_for_empty_prompt, number of text encoders)
 EXPECTED = {"sd1": ("epsilon", False, 1), "sd2": ("v_prediction", False, 1), "sdxl": ("epsilon", True, 2)}
@@ -26,27 +27,18 @@ WEIGHT_NAMES = {name for names in WEIGHTS.values() for name in names}
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-    written = {}
+    @functools.cache
+    def write(family, weight_format):
+        return write_tiny_checkpoint(tmp_path_factory.mktemp(family), weight_format=weight_format, family=family)
 
-    def get(family, weight_format):
-        if (family, weight_format) not in written:
-            folder = tmp_path_factory.mktemp(f"{family}-{weight_format}")
-            written[family, weight_format] = write_tiny_checkpoint(folder, weight_format=weight_format, family=family)
-        return written[family, weight_format]
-
-    return get
+    return write
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_folder):
-    loaded = {}
-
-    def get(family, weight_format):
-        if (family, weight_format) not in loaded:
-            loaded[family, weight_format] = load_models(tiny_folder(family, weight_format), cache_dir=None)
-        return loaded[family, weight_format]
-
-    return get
+    return functools.cache(
+        lambda family, weight_format: load_models(tiny_folder(family, weight_format), cache_dir=None)
+    )
 
 
 def _same_leaves(a, b) -> bool:
@@ -54,10 +46,6 @@ def _same_leaves(a, b) -> bool:
     return [path for path, _ in flat_a] == [path for path, _ in flat_b] and all(
         np.array_equal(x, y) for (_, x), (_, y) in zip(flat_a, flat_b, strict=True)
     )
-
-
-def _copy(folder, tmp_path, name="copy"):
-    return shutil.copytree(folder, tmp_path / name)
 
 
 def _edit_json(path, **changes):
@@ -137,7 +125,7 @@ def test_a_variant_only_folder_loads_its_variant(
     tiny_folder, tiny_models, tmp_path, family, weight_format, dtype, source
 ):
     plain = tiny_models(family, weight_format)
-    folder = _copy(tiny_folder(family, weight_format), tmp_path)
+    folder = shutil.copytree(tiny_folder(family, weight_format), tmp_path / "copy")
     _as_variant(folder, "fp16", dtype)
     for variant in (None, "fp16"):
         fp16 = load_models(folder, cache_dir=None, variant=variant)
@@ -148,7 +136,7 @@ def test_a_variant_only_folder_loads_its_variant(
 
 
 def test_a_requested_variant_is_cached_under_its_own_digest(tiny_folder, tmp_path):
-    folder = _copy(tiny_folder("sd1", "safetensors"), tmp_path)
+    folder = shutil.copytree(tiny_folder("sd1", "safetensors"), tmp_path / "copy")
     _as_variant(folder, "fp16", np.float16, keep_plain=True)
     cache = tmp_path / "cache"
     plain = load_models(folder, cache_dir=cache)
@@ -162,7 +150,7 @@ def test_a_requested_variant_is_cached_under_its_own_digest(tiny_folder, tmp_pat
 
 
 def test_missing_or_ambiguous_variants_get_one_line_errors(tiny_folder, tmp_path):
-    folder = _copy(tiny_folder("sd1", "flax"), tmp_path)
+    folder = shutil.copytree(tiny_folder("sd1", "flax"), tmp_path / "copy")
     _as_variant(folder, "fp16")
     with pytest.raises(RivalError, match=r"no 'bf16' variant weights \(found: diffusion_flax_model\.fp16\.msgpack\)"):
         load_models(folder, cache_dir=None, variant="bf16")
@@ -214,7 +202,7 @@ def _refiner(folder):
     ],
 )
 def test_unsupported_checkpoints_are_refused_before_reading_weights(tiny_folder, tmp_path, family, damage, message):
-    folder = _copy(tiny_folder(family, "safetensors"), tmp_path)
+    folder = shutil.copytree(tiny_folder(family, "safetensors"), tmp_path / "copy")
     for path in folder.glob("*/*.safetensors"):
         path.write_bytes(b"")
     damage(folder)
@@ -233,7 +221,7 @@ def test_unsupported_checkpoints_are_refused_before_reading_weights(tiny_folder,
     ],
 )
 def test_family_detection(tiny_folder, tmp_path, sub, file, changes, family):
-    folder = _copy(tiny_folder("sd1", "flax"), tmp_path)
+    folder = shutil.copytree(tiny_folder("sd1", "flax"), tmp_path / "copy")
     _edit_json(folder / sub / file, **changes)
     assert detect_family(folder, json.loads((folder / "model_index.json").read_text())) == family
 
@@ -257,19 +245,19 @@ def fake_hub(monkeypatch, tmp_path):
     return repos
 
 
-def _fetched_weights(models_or_folder):
-    return sorted(p.relative_to(models_or_folder).as_posix() for p in models_or_folder.rglob("*.safetensors"))
+def _fetched_weights(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
 
 
 def test_hub_downloads_fetch_the_family_components_and_variants(fake_hub, tiny_folder, tmp_path):
-    fake_hub["org/sdxl-fp16-only"] = _copy(tiny_folder("sdxl", "safetensors"), tmp_path, "fp16-only")
+    fake_hub["org/sdxl-fp16-only"] = shutil.copytree(tiny_folder("sdxl", "safetensors"), tmp_path / "fp16-only")
     _as_variant(fake_hub["org/sdxl-fp16-only"], "fp16")
     models = load_models("org/sdxl-fp16-only", cache_dir=None)
     assert models.family == "sdxl" and set(models.sources.values()) == {"safetensors (fp16 variant)"}
     assert (models.path / "tokenizer_2" / "vocab.json").is_file()
     assert "text_encoder_2/model.fp16.safetensors" in _fetched_weights(models.path)
 
-    both = _copy(tiny_folder("sd2", "safetensors"), tmp_path, "both")
+    both = shutil.copytree(tiny_folder("sd2", "safetensors"), tmp_path / "both")
     _as_variant(both, "fp16", keep_plain=True)
     fake_hub |= {"org/sd2-plain": both, "org/sd2-fp16": both}
     assert all(".fp16." in name for name in _fetched_weights(load_models("org/sd2-fp16", variant="fp16").path))
@@ -277,23 +265,14 @@ def test_hub_downloads_fetch_the_family_components_and_variants(fake_hub, tiny_f
 
 
 def test_hub_downloads_refuse_unsupported_checkpoints_before_fetching_weights(fake_hub, tiny_folder, tmp_path):
-    fake_hub["org/sd3"] = _copy(tiny_folder("sd1", "safetensors"), tmp_path)
+    fake_hub["org/sd3"] = shutil.copytree(tiny_folder("sd1", "safetensors"), tmp_path / "copy")
     _transformer_pipeline("StableDiffusion3Pipeline")(fake_hub["org/sd3"])
     with pytest.raises(RivalError, match="StableDiffusion3Pipeline"):
         load_models("org/sd3", cache_dir=None)
     assert _fetched_weights(tmp_path / "hub") == []
 
 
-def test_tiny_checkpoint_cache_paths_name_the_family(tmp_path):
-    assert tiny_checkpoint(cache_dir=tmp_path).name == f"v{random_models.TINY_VERSION}-seed0-flax"
-    sdxl = tiny_checkpoint(cache_dir=tmp_path, family="sdxl", weight_format="safetensors")
-    assert sdxl.name.endswith("-safetensors-sdxl")
-    assert load_models(sdxl, cache_dir=None).family == "sdxl"
-    with pytest.raises(RivalError, match="family"):
-        tiny_checkpoint(cache_dir=tmp_path, family="sd3")
-
-
-def test_random_full_models_assembles_every_family(monkeypatch):
+def test_random_full_models_of_every_family_from_cached_tiny_tokenizers(monkeypatch, cache_dir):
     monkeypatch.setattr(random_models, "FULL", random_models.TINY)
     for family, (prediction_type, force_zeros, encoders) in EXPECTED.items():
         models = random_full_models(family)
@@ -301,6 +280,10 @@ def test_random_full_models_assembles_every_family(monkeypatch):
         assert models.force_zeros_for_empty_prompt is force_zeros
         assert len(models.text_encoders) == len(models.tokenizers) == encoders
         assert set(models.params) == set(models.sources) and models.random_weights
+        tiny = f"v{random_models.TINY_VERSION}-seed0-flax" + ("" if family == "sd1" else f"-{family}")
+        assert (cache_dir / "tiny" / tiny / "model_index.json").is_file()
+    with pytest.raises(RivalError, match="family"):
+        random_full_models("sd3")
 
 
 # Parameter counts of the published checkpoints (UNet, VAE, text encoders).
@@ -323,3 +306,16 @@ def test_full_architectures_have_the_published_sizes(tiny_folder, family):
         for name, module in modules.items()
     }
     assert sizes == FULL_SIZES[family]
+
+
+def test_large_layouts_are_drawn_in_chunks(monkeypatch):
+    shapes = {
+        "dense": {"kernel": jax.ShapeDtypeStruct((64, 80), np.float32)},
+        "bias": jax.ShapeDtypeStruct((900,), np.float32),
+    }
+    whole = random_models.random_params(shapes, jax.random.PRNGKey(0))
+    monkeypatch.setattr(random_models, "MAX_DRAW", 1000)
+    chunked = random_models.random_params(shapes, jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_map(np.shape, chunked) == jax.tree_util.tree_map(np.shape, whole)
+    assert not _same_leaves(chunked, whole)
+    np.testing.assert_allclose(chunked["dense"]["kernel"].std(), whole["dense"]["kernel"].std(), rtol=0.05)

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from rival_jax.parallel import pad_to, padded_length, process_share
 
@@ -23,16 +24,21 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_eight_devices_give_the_same_variations_as_one(tmp_path, tiny_flax, tiny_pipe, tiny_chain, exemplar):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_eight_devices_give_the_same_variations_as_one(tmp_path, family_pipes, exemplar, family):
+    pipe = family_pipes[family]
     np.save(tmp_path / "exemplar.npy", exemplar)
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", SCRIPT, str(tiny_flax), str(tmp_path / "exemplar.npy"), str(tmp_path / "l.npy")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    model, files = str(pipe.models.path), (str(tmp_path / "exemplar.npy"), str(tmp_path / "l.npy"))
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, model, *files], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "8"
     eight = np.load(tmp_path / "l.npy")
-    one = tiny_pipe.generate(tiny_chain, num_variations=5, seed=21, output_type="latent").latents
-    assert tiny_pipe.mesh.size == 1 and eight.shape == one.shape == (5, 4, 16, 16)
+    chain = pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=6)
+    one = pipe.generate(chain, num_variations=5, seed=21, output_type="latent").latents
+    assert pipe.mesh.size == 1 and eight.shape == one.shape == (5, 4, 12, 16)
     np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
 
 

@@ -1,4 +1,4 @@
-"""Fidelity to the authors' PyTorch implementation on the shared tiny checkpoint (ALGORITHM.md)."""
+"""Fidelity to the authors' PyTorch implementation on the shared tiny checkpoint (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -177,12 +177,20 @@ def test_round_trip_reproduces_every_weight(tiny_pair: tuple[str, Path, Path], t
     assert (converted / "tokenizer" / "vocab.json").read_bytes() == (folder / "tokenizer" / "vocab.json").read_bytes()
 
 
-def test_converted_folder_loads(tiny_pair: tuple[str, Path, Path], tmp_path: Path) -> None:
+def test_a_single_file_loads_with_its_base_model_to_the_same_params(
+    tiny_pair: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    import jax
+
     from rival_jax.loading import load_models
 
     family, folder, single = tiny_pair
-    models = load_models(convert_single_file(single, config_folder=folder, cache_dir=tmp_path), cache_dir=False)
+    models = load_models(single, cache_dir=tmp_path, base_model=folder)
     assert models.family == family and not models.random_weights
+    reference = load_models(folder, cache_dir=False)
+    leaves = zip(jax.tree_util.tree_leaves(models.params), jax.tree_util.tree_leaves(reference.params), strict=True)
+    assert all(np.array_equal(a, b) for a, b in leaves)
+    _single_line_error(lambda: load_models(single, cache_dir=tmp_path), "--base-model")
 
 
 def test_cache_is_reused(tiny_pair: tuple[str, Path, Path], tmp_path: Path) -> None:
@@ -210,7 +218,7 @@ def test_refusals(tiny_pair: tuple[str, Path, Path], tmp_path: Path) -> None:
     _single_line_error(
         lambda: convert_single_file(unrelated, config_folder=folder, cache_dir=tmp_path), "not an original-layout"
     )
-    _single_line_error(lambda: convert_single_file(single, cache_dir=tmp_path), "need config_folder")
+    _single_line_error(lambda: convert_single_file(single, cache_dir=tmp_path), "needs a base model")
     inpainting = tmp_path / "inpainting.safetensors"
     state = load_file(str(single))
     state["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((32, 9, 3, 3), np.float32)

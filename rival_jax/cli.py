@@ -7,33 +7,18 @@ and split into job options, run options (`RunOptions`) and per-exemplar settings
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rival_jax.config import LATENT_INITS
 from rival_jax.errors import RivalError
-from rival_jax.jobs import JOB_DEFAULTS
+from rival_jax.jobs.common import JOB_DEFAULTS
+from rival_jax.jobs.settings import ROW_FIELDS, TASKS, read_settings_file
 from rival_jax.options import FIELDS as RUN_OPTION_FIELDS
-from rival_jax.options import RunOptions
-from rival_jax.settings import ROW_FIELDS, TASKS, read_settings_file
+from rival_jax.options import RunOptions, add_run_option_arguments
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-
-
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per `RunOptions` field, from its definition (help, choices, type)."""
-    for field in dataclasses.fields(RunOptions):
-        flag = "--" + field.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field.metadata["help"]}
-        if isinstance(field.default, bool):
-            kwargs["action"] = "store_true"
-        elif field.metadata["choices"]:
-            kwargs["choices"] = field.metadata["choices"]
-        elif isinstance(field.default, int):
-            kwargs["type"] = int
-        parser.add_argument(flag, **kwargs)
 
 
 def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +44,7 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f"--no-{switch.replace('_', '-')}"
         add(flag, dest=switch, action="store_false", default=suppress, help=f"ablation: {switch.replace('_', ' ')} off")
     add("--model", default=suppress, help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl")
-    _add_run_options(parser)
+    add_run_option_arguments(parser)
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")
     add("--cache-dir", default=suppress, help="cache folder for converted weights and the tiny model")
@@ -135,17 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if command == "make-tiny":
-            from rival_jax.random_models import write_tiny_checkpoint
+            from rival_jax.models.random_models import write_tiny_checkpoint
 
             folder, seed, weight_format, family = (arguments[k] for k in ("folder", "seed", "format", "family"))
             print(write_tiny_checkpoint(folder, seed=seed, weight_format=weight_format, family=family))
             return 0
         if command == "augment":
-            from rival_jax.augment import run_augment_job
+            from rival_jax.jobs.augment import run_augment_job
 
             extra = ("source", "batch_size", "coordinator", "num_processes", "process_id", "distributed")
             return run_augment_job(*split_options(arguments, extra))
-        from rival_jax.generate_job import run_generate
+        from rival_jax.jobs.generate import run_generate
 
         run_generate(*split_options(arguments, ("exemplar",)))
         return 0

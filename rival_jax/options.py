@@ -6,6 +6,7 @@ geometry, attention kernel, where the exemplar's features live, and which weight
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from typing import Any
@@ -104,6 +105,20 @@ class RunOptions:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
+def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """One command-line flag per `RunOptions` field, from its definition (help, choices, type); absent = unset."""
+    for field in dataclasses.fields(RunOptions):
+        flag = "--" + field.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field.metadata["help"]}
+        if isinstance(field.default, bool):
+            kwargs["action"] = "store_true"
+        elif field.metadata["choices"]:
+            kwargs["choices"] = field.metadata["choices"]
+        elif isinstance(field.default, int):
+            kwargs["type"] = int
+        parser.add_argument(flag, **kwargs)
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:

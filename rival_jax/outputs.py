@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from rival_jax.reference import ReferenceFeatures
+from rival_jax.core.reference import ReferenceFeatures
 
 
 @dataclasses.dataclass

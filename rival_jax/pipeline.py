@@ -17,23 +17,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rival_jax import images, parallel, progress
+from rival_jax import images, progress
 from rival_jax.config import RivalConfig
-from rival_jax.errors import RivalError
-from rival_jax.inversion import invert
-from rival_jax.loading import LoadedModels, load_models
-from rival_jax.options import RunOptions, check_attention, resolve_dtype
-from rival_jax.outputs import InversionChain, RivalOutput
-from rival_jax.prompts import PromptEncoder
-from rival_jax.reference import (
+from rival_jax.core import parallel
+from rival_jax.core.inversion import invert
+from rival_jax.core.reference import (
     ReferenceFeatures,
     choose_reference_mode,
     feature_bytes,
     reference_batches,
     reference_pass,
 )
-from rival_jax.sampler import GenerationInputs, aligned_generate, start_latents
-from rival_jax.unet import Conditioning
+from rival_jax.core.sampler import GenerationInputs, aligned_generate, start_latents
+from rival_jax.core.unet import Conditioning
+from rival_jax.errors import RivalError
+from rival_jax.models.loading import LoadedModels, load_models
+from rival_jax.options import RunOptions, check_attention, resolve_dtype
+from rival_jax.outputs import InversionChain, RivalOutput
+from rival_jax.prompts import PromptEncoder
 
 OutputType = Literal["pil", "np", "latent"]
 # Built-in random checkpoints by name, and their family.
@@ -92,7 +93,7 @@ class RivalPipeline:
 
         >>> pipe = RivalPipeline.from_pretrained("/models/stable-diffusion-2-1", resolution=640)
         """
-        from rival_jax.random_models import tiny_checkpoint
+        from rival_jax.models.random_models import tiny_checkpoint
 
         options = (options or RunOptions()).replace(**option_values)
         name = str(name_or_path)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rival_jax.unet import Conditioning
+from rival_jax.core.unet import Conditioning
 
 
 class PromptEncoder:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import jax
 
-from rival_jax.loading import default_cache_dir
+from rival_jax.models.loading import default_cache_dir
 
 
 def enable_compilation_cache(folder: str | Path | None = None) -> Path:

@@ -28,16 +28,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions, parallel
-from rival_jax.attention import own_reference
-from rival_jax.cli import FAMILIES, _add_run_options
-from rival_jax.ddim import DDIMSchedule, ddim_step
-from rival_jax.jobs import bundled_exemplar
-from rival_jax.options import FIELDS, resolve_dtype
-from rival_jax.random_models import random_full_models
-from rival_jax.reference import reference_batches
-from rival_jax.sampler import GenerationInputs
-from rival_jax.unet import Conditioning, unet_output
+from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions
+from rival_jax.cli import FAMILIES
+from rival_jax.core import parallel
+from rival_jax.core.attention import own_reference
+from rival_jax.core.ddim import DDIMSchedule, ddim_step
+from rival_jax.core.reference import reference_batches
+from rival_jax.core.sampler import GenerationInputs
+from rival_jax.core.unet import Conditioning, unet_output
+from rival_jax.jobs.common import bundled_exemplar
+from rival_jax.models.random_models import random_full_models
+from rival_jax.options import FIELDS, add_run_option_arguments, resolve_dtype
 
 # `--stages`: the RivalConfig switches that put every step in one attention stage (AdaIN off).
 STAGES = {
@@ -112,12 +113,14 @@ def peak_memory() -> str:
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    """Right-aligned columns: integers as they are, other numbers to 3 decimals."""
     lines = [" | ".join(f"{h:>12}" for h in header)]
     lines += [" | ".join(f"{v:>12}" if isinstance(v, int) else f"{v:>12.3f}" for v in row) for row in rows]
     return "\n".join(lines)
 
 
 def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise ValueError(text)
@@ -125,15 +128,19 @@ def positive(text: str) -> int:
 
 
 def counts(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1."""
     return [positive(value) for value in text.split(",")]
 
 
 def parse_arguments() -> argparse.Namespace:
+    """The benchmark's flags; the run options' flags come from `RunOptions` as in the CLI."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", default="tiny", help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny-sd2 ...")
+    source.add_argument(
+        "--model", default="tiny", help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl"
+    )
     source.add_argument("--family", choices=FAMILIES, help="full SD 1.5/2.1/SDXL base architecture, random weights")
-    _add_run_options(parser)
+    add_run_option_arguments(parser)
     parser.add_argument("--steps", type=positive, default=10)
     parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
@@ -152,6 +159,7 @@ def load_pipeline(args: argparse.Namespace) -> RivalPipeline:
 
 
 def main() -> None:
+    """Load, invert the bundled exemplar, then time plain and RIVAL per N and print the tables."""
     args = parse_arguments()
     pipe = load_pipeline(args)
     options, models, device = pipe.options, pipe.models, jax.devices()[0]

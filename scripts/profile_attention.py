@@ -22,7 +22,7 @@ from benchmark import Program  # scripts/benchmark.py, beside this file
 from diffusers.models.attention_flax import FlaxAttention
 
 from rival_jax import RivalError
-from rival_jax.attention import FUSE, REPLACE, inject_reference, own_reference
+from rival_jax.core.attention import FUSE, REPLACE, inject_reference, own_reference
 from rival_jax.options import check_attention, resolve_dtype
 
 

@@ -27,14 +27,14 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_flax(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rival_jax.random_models import write_tiny_checkpoint
+    from rival_jax.models.random_models import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-flax"), seed=0, weight_format="flax")
 
 
 @pytest.fixture(scope="session")
 def tiny_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rival_jax.random_models import write_tiny_checkpoint
+    from rival_jax.models.random_models import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-st"), seed=0, weight_format="safetensors")
 
@@ -65,14 +65,14 @@ def tiny_chain(tiny_pipe, exemplar):
 
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rival_jax.random_models import write_tiny_checkpoint
+    from rival_jax.models.random_models import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd2"), seed=0, family="sd2")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rival_jax.random_models import write_tiny_checkpoint
+    from rival_jax.models.random_models import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sdxl"), seed=0, family="sdxl")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rival_jax.augment import read_rows, run_augment
+from rival_jax.jobs.augment import read_rows, run_augment
 
 JOB = ["--steps", "2", "--batch-size", "2", "--no-progress", "--no-compile-cache"]
 

@@ -155,7 +155,7 @@ def test_console_script_on_the_builtin_defaults(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_make_tiny_writes_a_loadable_checkpoint(capsys, tmp_path, family):
-    from rival_jax.loading import load_models
+    from rival_jax.models.loading import load_models
 
     code, stdout, _ = _run(capsys, "make-tiny", tmp_path / "tiny", "--format", "safetensors", "--family", family)
     assert code == 0 and stdout.strip() == str(tmp_path / "tiny")

@@ -11,8 +11,8 @@ import pytest
 from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionPipeline, FlaxStableDiffusionXLPipeline
 
 from rival_jax import RivalConfig
-from rival_jax.ddim import DDIM_OVERRIDES
-from rival_jax.unet import unet_output
+from rival_jax.core.ddim import DDIM_OVERRIDES
+from rival_jax.core.unet import unet_output
 
 STEPS = 4
 PROMPT, NEGATIVE = "a photo of a cat", "blue sky"

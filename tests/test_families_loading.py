@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from rival_jax import RivalError, random_models
-from rival_jax.architectures import FULL
-from rival_jax.checkpoints import WEIGHTS, params_layout, variant_file
-from rival_jax.families import FAMILIES, TEXT_COMPONENTS, detect_family
-from rival_jax.loading import load_models
-from rival_jax.random_models import build_modules, random_full_models, write_tiny_checkpoint
+from rival_jax import RivalError
+from rival_jax.models import random_models
+from rival_jax.models.architectures import FULL
+from rival_jax.models.checkpoints import WEIGHTS, params_layout, variant_file
+from rival_jax.models.families import FAMILIES, TEXT_COMPONENTS, detect_family
+from rival_jax.models.loading import load_models
+from rival_jax.models.random_models import build_modules, random_full_models, write_tiny_checkpoint
 
 # family -> (prediction_type, force_zeros_for_empty_prompt, number of text encoders)
 EXPECTED = {"sd1": ("epsilon", False, 1), "sd2": ("v_prediction", False, 1), "sdxl": ("epsilon", True, 2)}

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rival_jax.core.reference import KEEP_MEMORY_FRACTION, choose_reference_mode
 from rival_jax.images import mask_region, target_size
-from rival_jax.reference import KEEP_MEMORY_FRACTION, choose_reference_mode
 
 FAMILIES = {"sd1": (512, 64), "sd2-768": (768, 64), "sdxl": (1024, 32)}
 

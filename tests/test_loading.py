@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from rival_jax import RivalConfig, RivalError, RivalPipeline
-from rival_jax.loading import load_models
+from rival_jax.models.loading import load_models
 
 from .conftest import PARITY
 

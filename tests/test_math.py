@@ -12,13 +12,12 @@ from diffusers.models.attention_flax import FlaxAttention
 from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionOutput
 from flax.traverse_util import flatten_dict
 
-from rival_jax.attention import FUSE, QUERY_BLOCK, REPLACE, inject_reference, own_reference
 from rival_jax.config import RivalConfig
-from rival_jax.ddim import DDIMSchedule, ddim_step
-from rival_jax.inversion import invert
-from rival_jax.random_models import SCHEDULER_CONFIG
-from rival_jax.reference import ReferenceFeatures
-from rival_jax.sampler import (
+from rival_jax.core.attention import FUSE, QUERY_BLOCK, REPLACE, inject_reference, own_reference
+from rival_jax.core.ddim import DDIMSchedule, ddim_step
+from rival_jax.core.inversion import invert
+from rival_jax.core.reference import ReferenceFeatures
+from rival_jax.core.sampler import (
     FUSION,
     PLAIN,
     REPLACEMENT,
@@ -29,7 +28,8 @@ from rival_jax.sampler import (
     shuffle_within,
     start_latents,
 )
-from rival_jax.unet import Conditioning, unet_output, unet_output_injected, unet_output_recording
+from rival_jax.core.unet import Conditioning, unet_output, unet_output_injected, unet_output_recording
+from rival_jax.models.random_models import SCHEDULER_CONFIG
 
 
 class SelfAttention(nn.Module):

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from rival_jax.parallel import pad_to, padded_length, process_share
+from rival_jax.core.parallel import pad_to, padded_length, process_share
 
 SCRIPT = textwrap.dedent(
     """

@@ -37,7 +37,7 @@ def test_chain_layout(tiny_pipe, tiny_chain):
 def test_reference_pass_batches_equal_one_evaluation_per_step_and_context(tiny_pipe, exemplar):
     """Any reference batch size (here padded: 5 steps x 2 contexts in batches of 4) gives the per-step features."""
     from rival_jax import RivalPipeline
-    from rival_jax.unet import unet_output_recording
+    from rival_jax.core.unet import unet_output_recording
 
     chain = tiny_pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=5)
     batched = RivalPipeline(tiny_pipe.models, tiny_pipe.options.replace(reference_batch_size=4)).reference_pass(chain)
@@ -110,7 +110,8 @@ def test_ablation_switches_remove_the_exemplar_influence(tiny_pipe, tiny_chain, 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"latents": np.zeros((3, 4, 12, 16))}, "latents have shape"),
+        ({"latents": np.zeros((3, 4, 12, 16)), "num_variations": 2}, "latents have shape"),
+        ({"latents": np.zeros((2, 4, 16, 16))}, "latents have shape"),
         ({"mask": np.ones((100, 100))}, "mask has shape"),
         ({"mask": np.zeros((96, 128))}, "marks no region"),
         ({"mask": Image.new("L", (100, 100))}, "draw the mask at the exemplar's size"),
@@ -172,8 +173,8 @@ def test_bfloat16_changes_images_far_less_than_a_new_seed(tiny_flax, tiny_pipe, 
 
 def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
     """XLA's buffer assignment: no step copies the whole chain or the reference features."""
-    from rival_jax import parallel
-    from rival_jax.sampler import GenerationInputs
+    from rival_jax.core import parallel
+    from rival_jax.core.sampler import GenerationInputs
 
     size = 16
     contexts = tiny_pipe.encode_prompt(["", "a cat"], (128, 128))

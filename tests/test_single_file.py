@@ -17,8 +17,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from rival_jax.errors import RivalError
-from rival_jax.random_models import write_tiny_checkpoint
-from rival_jax.single_file import convert_single_file
+from rival_jax.models.random_models import write_tiny_checkpoint
+from rival_jax.models.single_file import convert_single_file
 
 UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -182,7 +182,7 @@ def test_a_single_file_loads_with_its_base_model_to_the_same_params(
 ) -> None:
     import jax
 
-    from rival_jax.loading import load_models
+    from rival_jax.models.loading import load_models
 
     family, folder, single = tiny_pair
     models = load_models(single, cache_dir=tmp_path, base_model=folder)

@@ -1,7 +1,7 @@
 """Loading a diffusers-format Stable Diffusion folder (or hub id) of any supported family into Flax modules and params.
 
-The family (SD 1.x, SD 2.x, SDXL base) is read from the configs (`rival_jax.families`); each
-component's weights are found, converted and cached by `rival_jax.checkpoints`.
+The family (SD 1.x, SD 2.x, SDXL base) is read from the configs (`rival_jax.models.families`); each
+component's weights are found, converted and cached by `rival_jax.models.checkpoints`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rival_jax.checkpoints import WEIGHTS, load_component, read_json, variant_file, variant_glob
-from rival_jax.ddim import DDIMSchedule
+from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.errors import RivalError
-from rival_jax.families import TEXT_COMPONENTS, detect_family
+from rival_jax.models.checkpoints import WEIGHTS, load_component, read_json, variant_file, variant_glob
+from rival_jax.models.families import TEXT_COMPONENTS, detect_family
 
 FLAX_DEPRECATIONS = ("Flax classes are deprecated", "TensorFlow and JAX classes are deprecated")
 
@@ -150,7 +150,7 @@ def load_models(
 
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     if Path(name_or_path).expanduser().is_file():
-        from rival_jax.single_file import convert_single_file
+        from rival_jax.models.single_file import convert_single_file
 
         base = resolve_model_folder(base_model) if base_model is not None else None
         name_or_path = convert_single_file(Path(name_or_path).expanduser(), base, cache_dir=cache)

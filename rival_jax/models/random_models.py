@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from rival_jax.architectures import FULL, SCHEDULER_CONFIG, TINY, Architecture
-from rival_jax.checkpoints import WEIGHTS, flax_to_pytorch_state_dict, params_layout
-from rival_jax.ddim import DDIMSchedule
+from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.errors import RivalError
-from rival_jax.families import FAMILIES, TEXT_COMPONENTS
-from rival_jax.loading import TINY_MARKER, LoadedModels, default_cache_dir
+from rival_jax.models.architectures import FULL, SCHEDULER_CONFIG, TINY, Architecture
+from rival_jax.models.checkpoints import WEIGHTS, flax_to_pytorch_state_dict, params_layout
+from rival_jax.models.families import FAMILIES, TEXT_COMPONENTS
+from rival_jax.models.loading import TINY_MARKER, LoadedModels, default_cache_dir
 
 __all__ = [
     "SCHEDULER_CONFIG",
@@ -58,35 +59,43 @@ UNET_OUT_SCALE = 1.6
 MAX_DRAW = 1 << 27
 
 
-def _normal_draw(key: jax.Array, size: int) -> np.ndarray:
-    """`size` standard normals, drawn in chunks beyond MAX_DRAW to bound the device memory a draw takes."""
+def _normal_stream(key: jax.Array, size: int) -> Iterator[np.ndarray]:
+    """`size` standard normals in chunks of at most MAX_DRAW (one draw from `key` when it fits in one)."""
     if size <= MAX_DRAW:
-        return np.asarray(jax.random.normal(key, (size,), dtype=np.float32))
-    noise = np.empty(size, np.float32)
+        yield np.asarray(jax.random.normal(key, (size,), dtype=np.float32))
+        return
     for i, start in enumerate(range(0, size, MAX_DRAW)):
-        noise[start : start + MAX_DRAW] = _normal_draw(jax.random.fold_in(key, i), min(MAX_DRAW, size - start))
-    return noise
+        yield np.asarray(jax.random.normal(jax.random.fold_in(key, i), (min(MAX_DRAW, size - start),), np.float32))
 
 
-def random_params(shapes: dict, key: jax.Array) -> dict:
+def random_params(shapes: dict, key: jax.Array, convert: Callable[[np.ndarray], Any] = lambda leaf: leaf) -> dict:
     """LeCun-normal kernels and embeddings, unit norm scales, small biases, for a params layout.
 
-    Drawing from the abstract layout avoids running the module's init (a full forward pass); one
-    normal draw is sliced for all leaves so there is a single small program to compile.
+    Drawing from the abstract layout avoids running the module's init (a full forward pass); the
+    leaves are cut from one stream of normals, so there are one or two small programs to compile.
+    Each finished leaf goes through `convert` (e.g. to a device array) before the next is drawn, so
+    the host holds one chunk and one leaf beyond what `convert` keeps: an SDXL UNet fits in RAM.
     """
     flat = sorted(flatten_dict(shapes).items())
     sizes = [int(np.prod(spec.shape)) for _, spec in flat]
-    noise = _normal_draw(key, sum(sizes))
-    params, offset = {}, 0
+    stream, chunk = _normal_stream(key, sum(sizes)), np.empty(0, np.float32)
+    params = {}
     for (path, spec), size in zip(flat, sizes, strict=True):
-        draw, offset = noise[offset : offset + size].reshape(spec.shape), offset + size
+        pieces, needed = [], size
+        while needed:
+            if not chunk.size:
+                chunk = next(stream)
+            pieces.append(chunk[:needed])
+            chunk, needed = chunk[len(pieces[-1]) :], needed - len(pieces[-1])
+        draw = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces)).reshape(spec.shape)
         if path[-1] == "scale":
-            params[path] = np.ones(spec.shape, np.float32)
+            leaf = np.ones(spec.shape, np.float32)
         elif path[-1] == "bias":
-            params[path] = 0.02 * draw
+            leaf = 0.02 * draw
         else:
             fan_in = int(np.prod(spec.shape[:-1])) if path[-1] == "kernel" else 1
-            params[path] = draw / np.sqrt(fan_in)
+            leaf = draw / np.sqrt(fan_in)
+        params[path] = convert(leaf)
     return unflatten_dict(params)
 
 
@@ -151,8 +160,10 @@ def build_modules(arch: Architecture, tokenizers: tuple, dtype: jnp.dtype = jnp.
     return modules
 
 
-def _random_weights(modules: dict[str, Any], seed: int) -> dict[str, dict]:
-    """Random float32 params per module, with the output layers rescaled."""
+def _random_weights(
+    modules: dict[str, Any], seed: int, convert: Callable[[np.ndarray], Any] = lambda leaf: leaf
+) -> dict[str, dict]:
+    """Random params per module (float32 numpy, or what `convert` makes of each), output layers rescaled."""
     unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     keys = {
         "unet": unet_key,
@@ -160,7 +171,7 @@ def _random_weights(modules: dict[str, Any], seed: int) -> dict[str, dict]:
         "text_encoder": text_key,
         "text_encoder_2": jax.random.fold_in(text_key, 1),
     }
-    params = {name: random_params(params_layout(module), keys[name]) for name, module in modules.items()}
+    params = {name: random_params(params_layout(module), keys[name], convert) for name, module in modules.items()}
     params["unet"]["conv_out"]["kernel"] *= UNET_OUT_SCALE
     params["vae"]["quant_conv"]["kernel"] *= VAE_QUANT_SCALE
     return params
@@ -261,7 +272,7 @@ def random_full_models(family: str, dtype: jnp.dtype = jnp.float32, seed: int = 
     tiny = tiny_checkpoint(seed, family=family)
     tokenizers = tuple(CLIPTokenizer.from_pretrained(str(tiny / name)) for _, name in TEXT_COMPONENTS[family])
     modules = build_modules(arch, tokenizers, dtype)
-    params = _random_weights(modules, seed)
+    params = _random_weights(modules, seed, lambda leaf: jnp.asarray(leaf, dtype))
     encoders = [name for name, _ in TEXT_COMPONENTS[family]]
     return LoadedModels(
         path=Path(f"random-{family}"),
@@ -271,7 +282,7 @@ def random_full_models(family: str, dtype: jnp.dtype = jnp.float32, seed: int = 
         text_encoders=tuple(modules[name] for name in encoders),
         tokenizers=tokenizers,
         schedule=DDIMSchedule.from_scheduler_config(arch.scheduler),
-        params=jax.tree_util.tree_map(lambda p: jnp.asarray(p, dtype), params),
+        params=params,
         sources={name: f"random ({arch.label} architecture)" for name in params},
         random_weights=True,
         force_zeros_for_empty_prompt=arch.force_zeros_for_empty_prompt,

@@ -18,8 +18,8 @@ import numpy as np
 from flax import struct
 
 from rival_jax import progress
-from rival_jax.ddim import DDIMSchedule
-from rival_jax.unet import Conditioning, unet_output_recording
+from rival_jax.core.ddim import DDIMSchedule
+from rival_jax.core.unet import Conditioning, unet_output_recording
 
 # `auto` keeps the features when they take at most this share of one device's memory.
 KEEP_MEMORY_FRACTION = 0.25

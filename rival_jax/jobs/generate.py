@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from rival_jax import images
-from rival_jax.jobs import bundled_exemplar, load_pipeline, log, prepare_runtime, read_exemplar, show_progress
+from rival_jax.jobs.common import bundled_exemplar, load_pipeline, log, prepare_runtime, read_exemplar, show_progress
+from rival_jax.jobs.settings import generation_arguments, merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
-from rival_jax.settings import generation_arguments, merge_settings
 
 
 def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> Path:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rival_jax.checkpoints import read_json
 from rival_jax.errors import RivalError
+from rival_jax.models.checkpoints import read_json
 
 SUPPORTED = "rival_jax supports SD 1.x, SD 2.x and SDXL base in diffusers layout"
 FAMILIES = ("sd1", "sd2", "sdxl")

@@ -3,7 +3,7 @@
 Community fine-tunes usually ship as one `.safetensors` holding `model.diffusion_model.*` (UNet),
 `first_stage_model.*` (VAE) and the text encoder(s): `cond_stage_model.transformer.*` (SD 1.x CLIP),
 `cond_stage_model.model.*` (SD 2.x OpenCLIP) or `conditioner.embedders.{0,1}.*` (SDXL CLIP-L and
-OpenCLIP bigG). `convert_single_file` rewrites one into the diffusers layout that `rival_jax.loading`
+OpenCLIP bigG). `convert_single_file` rewrites one into the diffusers layout that `rival_jax.models.loading`
 reads, with PyTorch-named safetensors weights, and caches the result.
 
 The key mapping is diffusers' own (`diffusers.loaders.single_file_utils`). That module imports torch
@@ -40,10 +40,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from rival_jax.checkpoints import read_json
 from rival_jax.errors import RivalError
-from rival_jax.families import FAMILIES, TEXT_COMPONENTS, detect_family
-from rival_jax.loading import default_cache_dir
+from rival_jax.models.checkpoints import read_json
+from rival_jax.models.families import FAMILIES, TEXT_COMPONENTS, detect_family
+from rival_jax.models.loading import default_cache_dir
 
 SINGLE_FILE_VERSION = "1"
 DIFFUSERS_FUNCTIONS = (
@@ -240,11 +240,11 @@ def convert_single_file(
             component's config.json, the scheduler config and the tokenizer(s). Required: the CLIP
             tokenizer files cannot be obtained without it.
         family: "sd1", "sd2" or "sdxl" to insist on; None accepts the family the file and folder hold.
-        cache_dir: cache root; default `rival_jax.loading.default_cache_dir()`. The folder is written
+        cache_dir: cache root; default `rival_jax.models.loading.default_cache_dir()`. The folder is written
             once into `cache_dir / "single-file" / <hash>` and reused while file and configs are unchanged.
 
     Returns:
-        The converted folder, ready for `rival_jax.loading.load_models`.
+        The converted folder, ready for `rival_jax.models.loading.load_models`.
 
     Example:
         >>> folder = convert_single_file(Path("dreamshaper_8.safetensors"), config_folder=Path("sd15"))

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from rival_jax import progress
-from rival_jax.ddim import DDIMSchedule, ddim_step
-from rival_jax.unet import Conditioning, unet_output
+from rival_jax.core.ddim import DDIMSchedule, ddim_step
+from rival_jax.core.unet import Conditioning, unet_output
 
 
 def invert(

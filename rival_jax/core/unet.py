@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rival_jax.attention import (
+from rival_jax.core.attention import (
     REFERENCE_COLLECTION,
     inject_from_batch,
     inject_reference,

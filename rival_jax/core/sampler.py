@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from rival_jax import progress
-from rival_jax.attention import FUSE, REPLACE
 from rival_jax.config import RivalConfig
-from rival_jax.ddim import DDIMSchedule, ddim_step
-from rival_jax.reference import ReferenceFeatures
-from rival_jax.unet import Conditioning, unet_output, unet_output_alongside, unet_output_injected
+from rival_jax.core.attention import FUSE, REPLACE
+from rival_jax.core.ddim import DDIMSchedule, ddim_step
+from rival_jax.core.reference import ReferenceFeatures
+from rival_jax.core.unet import Conditioning, unet_output, unet_output_alongside, unet_output_injected
 
 ADAIN_EPS = 1e-5
 PLAIN, REPLACEMENT, FUSION = 0, 1, 2

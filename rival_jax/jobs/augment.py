@@ -27,12 +27,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rival_jax import images
+from rival_jax.core.parallel import initialize_distributed, process_share
 from rival_jax.errors import RivalError
-from rival_jax.jobs import load_pipeline, log, prepare_runtime, read_exemplar, show_progress
+from rival_jax.jobs.common import load_pipeline, log, prepare_runtime, read_exemplar, show_progress
+from rival_jax.jobs.settings import ROW_FIELDS, generation_arguments, merge_settings, parse_text_value
 from rival_jax.options import RunOptions
-from rival_jax.parallel import initialize_distributed, process_share
 from rival_jax.progress import CompileTimer
-from rival_jax.settings import ROW_FIELDS, generation_arguments, merge_settings, parse_text_value
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

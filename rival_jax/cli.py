@@ -1,4 +1,4 @@
-"""`rival-jax`: parses the command line and hands it to a job (`generate_job`, `augment`) or `make-tiny`.
+"""`rival-jax`: parses the command line and hands it to a job (`jobs.generate`, `jobs.augment`) or `make-tiny`.
 
 Nothing here computes: options are layered (defaults < task defaults < config file < command line)
 and split into job options, run options (`RunOptions`) and per-exemplar settings.
@@ -43,6 +43,19 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     for switch in ("attention_injection", "early_replacement", "latent_alignment", "noise_alignment"):
         flag = f"--no-{switch.replace('_', '-')}"
         add(flag, dest=switch, action="store_false", default=suppress, help=f"ablation: {switch.replace('_', ' ')} off")
+    add(
+        "--control-image",
+        action="append",
+        default=suppress,
+        help="ControlNet map at the exemplar's size, or canny (repeat: one per --controlnet)",
+    )
+    add("--control", dest="control_image", action="append", choices=("canny",), default=suppress, help="computed map")
+    add("--control-scale", type=float, action="append", default=suppress, help="conditioning scale (default: 1)")
+    add("--control-start", type=float, action="append", default=suppress, help="fraction of steps where it starts")
+    add("--control-end", type=float, action="append", default=suppress, help="fraction of steps where it ends")
+    add("--canny-sigma", type=float, default=suppress, help="Canny edges: Gaussian sigma (default: 2)")
+    add("--canny-low", type=float, default=suppress, help="Canny edges: low hysteresis threshold")
+    add("--canny-high", type=float, default=suppress, help="Canny edges: high hysteresis threshold")
     add("--model", default=suppress, help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl")
     add_run_option_arguments(parser)
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
@@ -88,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--format", choices=("flax", "safetensors"), default="flax")
     tiny.add_argument("--family", choices=FAMILIES, default="sd1", help="model family (default: sd1)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--controlnet", action="store_true", help="also a random ControlNet in FOLDER/controlnet")
     return parser
 
 
@@ -120,10 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if command == "make-tiny":
+            from rival_jax.models.random_controlnet import write_tiny_controlnet
             from rival_jax.models.random_models import write_tiny_checkpoint
 
             folder, seed, weight_format, family = (arguments[k] for k in ("folder", "seed", "format", "family"))
-            print(write_tiny_checkpoint(folder, seed=seed, weight_format=weight_format, family=family))
+            folder = write_tiny_checkpoint(folder, seed=seed, weight_format=weight_format, family=family)
+            if arguments["controlnet"]:
+                write_tiny_controlnet(folder / "controlnet", folder, seed=seed, weight_format=weight_format)
+            print(folder)
             return 0
         if command == "augment":
             from rival_jax.jobs.augment import run_augment_job

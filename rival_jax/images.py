@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -136,6 +138,49 @@ def mask_region(mask: Any, source_size: tuple[int, int], size: tuple[int, int], 
     return region
 
 
+def control_array(image: Any, source_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """A ControlNet conditioning map (path, PIL image or uint8 array) as (H, W, 3) uint8 at the processed `size`.
+
+    Like a mask it is drawn on the exemplar: at the exemplar's size `source_size` (W, H) it goes through
+    `fit` like the exemplar; at the processed size `size` it is taken as is.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image, "control image")
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    picture = picture.convert("RGB")
+    if picture.size == tuple(size):
+        return np.asarray(picture)
+    if picture.size != tuple(source_size):
+        raise RivalError(
+            f"control image is {picture.size[0]}x{picture.size[1]} but the exemplar is {source_size[0]}x"
+            f"{source_size[1]} ({size[0]}x{size[1]} processed): make the map at the exemplar's size"
+        )
+    return np.asarray(fit(picture, tuple(size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CannyEdges:
+    """A control map to compute: the processed exemplar's Canny edges (`canny`) with these settings."""
+
+    sigma: float = 2.0
+    low: float | None = None
+    high: float | None = None
+
+
+def canny(pixels: np.ndarray, sigma: float = 2.0, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Canny edges of an RGB image (H, W, 3) uint8, white on black, as an RGB uint8 map (scikit-image).
+
+    The grayscale is PIL's (ITU-R 601 luma) in [0, 1], as the authors' ControlNet example computes it;
+    `low`/`high` are hysteresis thresholds on its gradient (None: scikit-image's defaults); sigma is
+    the Gaussian blur's.
+    """
+    from skimage.feature import canny as skimage_canny
+
+    gray = np.asarray(Image.fromarray(pixels).convert("L"), np.float64) / 255.0
+    edges = skimage_canny(gray, sigma=sigma, low_threshold=low, high_threshold=high)
+    return np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def to_pil(images: np.ndarray) -> list[Image.Image]:
     """(N, H, W, 3) floats in [0, 1] to PIL images."""
     return [Image.fromarray(np.round(np.clip(i, 0, 1) * 255).astype(np.uint8)) for i in images]
@@ -167,6 +212,24 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_folder_atomic(target: Path, write: Callable[[Path], Any]) -> Path:
+    """Fill a folder via a hidden staging folder beside it, renamed into place: never a half-written folder.
+
+    If another process put `target` in place first (its `model_index.json` is there), that one is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=target.parent))
+    try:
+        write(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "model_index.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 PNG_TEXT_KEY = "rival-jax"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -47,6 +48,8 @@ class RunOptions:
             when a folder holds only one variant.
         base_model: for a single-file checkpoint (one original-layout `.safetensors`), a diffusers
             folder or hub id of the same family that supplies configs, scheduler and tokenizers.
+        controlnet: ControlNet folders or hub ids (one, or a list for several) whose residuals steer
+            the generated images (SD 1.x/2.x).
 
     >>> RunOptions(resolution="768x512", reference_mode="recompute").size
     (768, 512)
@@ -68,8 +71,13 @@ class RunOptions:
     base_model: str | None = _option(
         None, "for a single-file .safetensors model: a diffusers folder of its family (configs, tokenizers)"
     )
+    controlnet: tuple[str, ...] = _option((), "ControlNet folder or hub id (repeat for several)")
 
     def __post_init__(self) -> None:
+        names = self.controlnet
+        object.__setattr__(self, "controlnet", (names,) if isinstance(names, (str, os.PathLike)) else tuple(names))
+        if not all(isinstance(name, (str, os.PathLike)) for name in self.controlnet):
+            raise RivalError(f"controlnet {names!r} is not a folder or hub id (or a list of them)")
         for field in dataclasses.fields(self):
             choices = field.metadata["choices"]
             if choices and getattr(self, field.name) not in choices:
@@ -114,6 +122,8 @@ def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field.metadata["help"]}
         if isinstance(field.default, bool):
             kwargs["action"] = "store_true"
+        elif isinstance(field.default, tuple):
+            kwargs["action"] = "append"
         elif field.metadata["choices"]:
             kwargs["choices"] = field.metadata["choices"]
         elif isinstance(field.default, int):

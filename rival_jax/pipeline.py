@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rival_jax import images, progress
+from rival_jax import images
 from rival_jax.config import RivalConfig
+from rival_jax.controls import control_inputs
 from rival_jax.core import parallel
 from rival_jax.core.inversion import invert
 from rival_jax.core.reference import (
@@ -31,6 +32,7 @@ from rival_jax.core.reference import (
 from rival_jax.core.sampler import GenerationInputs, aligned_generate, start_latents
 from rival_jax.core.unet import Conditioning
 from rival_jax.errors import RivalError
+from rival_jax.executables import Executables
 from rival_jax.models.loading import LoadedModels, load_models
 from rival_jax.options import RunOptions, check_attention, resolve_dtype
 from rival_jax.outputs import InversionChain, RivalOutput
@@ -47,6 +49,7 @@ class RivalPipeline:
     Args:
         models: a loaded checkpoint (`loading.load_models`), its params in `options.dtype`.
         options: run options (dtype, resolution, attention kernel, reference mode, ...).
+        controlnets: loaded ControlNets (`models.controlnet.load_controlnet`) for structure control.
 
     >>> pipe = RivalPipeline.from_pretrained("tiny-sdxl")
     >>> chain = pipe.invert("exemplar.png", prompt="a photo of a cat", num_inference_steps=50)
@@ -54,8 +57,11 @@ class RivalPipeline:
     >>> out.images[0].save("variation.png")
     """
 
-    def __init__(self, models: LoadedModels, options: RunOptions | None = None) -> None:
+    def __init__(
+        self, models: LoadedModels, options: RunOptions | None = None, controlnets: Sequence[Any] = ()
+    ) -> None:
         self.options = options or RunOptions()
+        self.controlnets = tuple(controlnets)
         self.dtype = resolve_dtype(self.options.dtype)
         check_attention(self.options.attention, self.dtype)
         self.models, self.params = models, models.params
@@ -72,7 +78,7 @@ class RivalPipeline:
         self._start_latents = jax.jit(start_latents, static_argnames="config")
         self._encode = jax.jit(self._encode_fn)
         self._decode = jax.jit(self._decode_fn)
-        self._executables: dict[tuple, Any] = {}
+        self._run = Executables().run
         self._feature_bytes: dict[tuple, int] = {}
 
     @classmethod
@@ -88,11 +94,14 @@ class RivalPipeline:
         Args:
             name_or_path: the checkpoint.
             options: run options; `option_values` (any `RunOptions` field, e.g. dtype="bfloat16",
-                resolution="768x512", reference_mode="recompute") override them.
+                resolution="768x512", reference_mode="recompute", controlnet="/models/controlnet-canny")
+                override them. With ControlNets, `generate` takes `control_image=...`.
             cache_dir: where converted safetensors params are cached (True = default folder, None = off).
 
         >>> pipe = RivalPipeline.from_pretrained("/models/stable-diffusion-2-1", resolution=640)
+        >>> pipe = RivalPipeline.from_pretrained("/models/sd15", controlnet="lllyasviel/sd-controlnet-canny")
         """
+        from rival_jax.models.controlnet import check_controlnet, load_controlnet
         from rival_jax.models.random_models import tiny_checkpoint
 
         options = (options or RunOptions()).replace(**option_values)
@@ -102,7 +111,10 @@ class RivalPipeline:
             name_or_path = tiny_checkpoint(cache_dir=tiny_cache, family=TINY_MODELS[name])
         dtype = resolve_dtype(options.dtype)
         models = load_models(name_or_path, dtype, cache_dir, variant=options.variant, base_model=options.base_model)
-        return cls(models, options)
+        controlnets = [load_controlnet(name, dtype, cache_dir) for name in options.controlnet]
+        for loaded in controlnets:
+            check_controlnet(loaded, models)
+        return cls(models, options, controlnets)
 
     @property
     def random_weights(self) -> bool:
@@ -124,9 +136,10 @@ class RivalPipeline:
         The two dicts are `parallel.split_per_variation(GenerationInputs(...))`.
         """
         unet, schedule, implementation = self.models.unet, self.models.schedule, self.options.attention
+        controlnets = tuple(loaded.module for loaded in self.controlnets)
 
         def generate(params: Any, inputs: GenerationInputs) -> jax.Array:
-            return aligned_generate(unet, params, schedule, inputs, report_progress, implementation)
+            return aligned_generate(unet, params, schedule, inputs, report_progress, implementation, controlnets)
 
         sharded = parallel.over_variations(generate, self.mesh, GenerationInputs)
 
@@ -134,20 +147,6 @@ class RivalPipeline:
             return sharded(params, per_variation, shared)
 
         return program
-
-    def _execute(self, label: str, program: Callable, steps: int, show: bool, args: tuple, donate: tuple = ()) -> Any:
-        """Compile `program` for these argument shapes once (kept), then run it, with a step bar if asked.
-
-        Compiling ahead of the run keeps compile time out of the step timings the bar shows.
-        """
-        leaves, structure = jax.tree_util.tree_flatten(args)
-        shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
-        signature = (label, show, structure, shapes)
-        if signature not in self._executables:
-            compiled = jax.jit(program, donate_argnames=donate).lower(*args).compile()
-            self._executables[signature] = compiled
-        with progress.progress_bar(label, steps, show):
-            return jax.block_until_ready(self._executables[signature](*args))
 
     def _encode_fn(self, params: Any, pixels: jnp.ndarray) -> jnp.ndarray:
         vae = self.models.vae
@@ -192,7 +191,7 @@ class RivalPipeline:
         pixels, x0, source_size = self.encode_image(image)
         cond = self.encode_prompt([prompt], (pixels.shape[1], pixels.shape[0]))
         args = (self.params["unet"], self.models.schedule, x0, cond, jnp.asarray(timesteps))
-        latents = self._execute("inversion", self.inversion_program(show_progress), len(timesteps), show_progress, args)
+        latents = self._run("inversion", self.inversion_program(show_progress), len(timesteps), show_progress, args)
         return InversionChain(latents, timesteps, prompt, pixels, source_size)
 
     def contexts(self, chain: InversionChain) -> Conditioning:
@@ -204,7 +203,7 @@ class RivalPipeline:
         contexts = self.contexts(chain)
         steps = reference_batches(chain.num_inference_steps * contexts.size, self.options.reference_batch_size)[0]
         args = (self.params["unet"], self.models.schedule, chain.latents, contexts, jnp.asarray(chain.timesteps))
-        return self._execute("reference pass", self.reference_program(show_progress), steps, show_progress, args)
+        return self._run("reference pass", self.reference_program(show_progress), steps, show_progress, args)
 
     def reference_feature_bytes(self, chain: InversionChain) -> int:
         """Bytes the exemplar's stored features take (reference mode "keep"), from shapes alone."""
@@ -245,6 +244,10 @@ class RivalPipeline:
         show_progress: bool = False,
         variation_indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
     ) -> RivalOutput:
         """Generate `num_variations` images aligned to the exemplar's chain, spread over the local devices.
 
@@ -265,6 +268,11 @@ class RivalPipeline:
                 variation i is the same image whatever else is generated with it, on any device count.
             batch_size: pad the batch to at least this many (then to a multiple of the device count),
                 so calls with different counts reuse one compiled program; the padding is dropped.
+            control_image: with ControlNets loaded, each one's map (a list with several): a path, PIL
+                image or uint8 array at the exemplar's size (or its processed size), or "canny" for
+                the processed exemplar's Canny edges (`images.canny`).
+            controlnet_conditioning_scale, control_guidance_start, control_guidance_end: per
+                ControlNet (one value for all, or a list), as in diffusers' ControlNet pipelines.
 
         >>> out = pipe.generate(chain, prompt="a watercolor of a lynx", num_variations=4, seed=1)
         """
@@ -289,6 +297,13 @@ class RivalPipeline:
             if start.shape != (indices.size, *chain.latents.shape[1:]):
                 expected = (indices.size, *chain.latents.shape[1:])
                 raise RivalError(f"latents have shape {start.shape}: expected {expected} (N, 4, h, w)")
+        control = control_inputs(
+            self.controlnets,
+            chain,
+            self.dtype,
+            control_image,
+            (controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
+        )
         mode = self.reference_mode(chain)
         if mode == "keep" and chain.reference is None:
             chain.reference = self.reference_pass(chain, show_progress)
@@ -302,12 +317,13 @@ class RivalPipeline:
             region=jnp.asarray(region),
             settings=config.as_arrays(),
             timesteps=jnp.asarray(chain.timesteps),
+            control=control,
         )
         per_variation, shared = parallel.split_per_variation(inputs)
         args = (self.params["unet"], per_variation, shared)
         steps = chain.num_inference_steps * self.mesh.size
         program = self.generation_program(show_progress)
-        final = self._execute("generation", program, steps, show_progress, args, donate=("per_variation",))
+        final = self._run("generation", program, steps, show_progress, args, donate=("per_variation",))
         final = np.asarray(final[: indices.size])
         if output_type == "latent":
             result: Any = final

@@ -87,3 +87,11 @@ def family_pipes(tiny_pipe, tiny_sd2: Path, tiny_sdxl: Path) -> dict:
         "sd2": RivalPipeline.from_pretrained(tiny_sd2, cache_dir=None),
         "sdxl": RivalPipeline.from_pretrained(tiny_sdxl, cache_dir=None),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tiny_flax: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random ControlNet for the tiny SD 1 model, its residuals non-zero."""
+    from rival_jax.models.random_controlnet import write_tiny_controlnet
+
+    return write_tiny_controlnet(tmp_path_factory.mktemp("controlnet"), tiny_flax, seed=1)

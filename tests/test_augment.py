@@ -159,3 +159,24 @@ def test_two_processes_with_jax_distributed_match_one(manifest, tiny_flax, singl
     expected, got = _pixels(single_run[0]), _pixels(output)
     assert got.keys() == expected.keys()
     assert all(np.abs(got[k].astype(int) - expected[k]).max() <= 1 for k in got)
+
+
+def test_manifest_rows_carry_their_control_maps(tmp_path, tiny_flax, tiny_controlnet):
+    from rival_jax import RivalPipeline
+
+    rng = np.random.default_rng(2)
+    for name in ("p.png", "q.png"):
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / name)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "p-edges.png")
+    (tmp_path / "m.csv").write_text(
+        "image,control_image,control_scale\np.png,p-edges.png,0.5\nq.png,canny,\nq.png,missing-edges.png,\n"
+    )
+    rows, problems = read_rows(tmp_path / "m.csv", {"steps": 2, "num_variations": 1}, "tiny")
+    assert problems == [] and rows[0].settings["control_image"] == [str(tmp_path / "p-edges.png")]
+    assert rows[0].settings["control_scale"] == 0.5 and rows[1].settings["control_image"] == ["canny"]
+    pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, controlnet=tiny_controlnet)
+    output = tmp_path / "out"
+    summary = run_augment(pipe, rows, output, batch_size=1, show_progress=False)
+    assert (summary.generated, summary.skipped_rows) == (2, 1)
+    assert "missing-edges.png does not exist" in summary.problems[0]
+    assert {r["settings"]["control_scale"] for r in _records(output)} == {0.5, 1.0}

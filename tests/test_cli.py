@@ -153,22 +153,26 @@ def test_console_script_on_the_builtin_defaults(tmp_path, cache_dir):
     assert Image.open(tmp_path / "grid.png").size == (2 * 128, 128)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_make_tiny_writes_a_loadable_checkpoint(capsys, tmp_path, family):
+@pytest.mark.parametrize(("family", "extra"), [("sd1", ["--controlnet"]), ("sdxl", [])])
+def test_make_tiny_writes_a_loadable_checkpoint(capsys, tmp_path, family, extra):
+    from rival_jax.models.controlnet import check_controlnet, load_controlnet
     from rival_jax.models.loading import load_models
 
-    code, stdout, _ = _run(capsys, "make-tiny", tmp_path / "tiny", "--format", "safetensors", "--family", family)
+    args = ("make-tiny", tmp_path / "tiny", "--format", "safetensors", "--family", family, *extra)
+    code, stdout, _ = _run(capsys, *args)
     assert code == 0 and stdout.strip() == str(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert load_models(tmp_path / "tiny", cache_dir=None).family == family
+    models = load_models(tmp_path / "tiny", cache_dir=None)
+    assert models.family == family
+    if extra:
+        check_controlnet(load_controlnet(tmp_path / "tiny", cache_dir=None), models)
 
 
 @pytest.mark.parametrize(
     ("model", "extra", "size"),
     [
         ("tiny-sdxl", [], (128, 96)),
-        ("tiny-sd2", ["--reference-mode", "recompute"], (160, 128)),
-        ("tiny-sd2", ["--square-crop"], (160, 160)),
+        ("tiny-sd2", ["--reference-mode", "recompute", "--square-crop"], (160, 160)),
     ],
 )
 def test_builtin_families_keep_the_exemplar_aspect_ratio(capsys, tmp_path, model, extra, size):
@@ -181,3 +185,37 @@ def test_builtin_families_keep_the_exemplar_aspect_ratio(capsys, tmp_path, model
     assert sidecar["family"] == model.removeprefix("tiny-") and tuple(sidecar["size"]) == size
     assert Image.open(out / "variation-001.png").size == size
     assert sidecar["reference_mode"] == ("recompute" if extra[:1] == ["--reference-mode"] else "keep")
+
+
+def test_controlnet_from_the_command_line(capsys, tmp_path, tiny_flax, tiny_controlnet, exemplar_file, exemplar):
+    out = tmp_path / "out"
+    code, _, stderr = _run(
+        capsys,
+        "generate",
+        exemplar_file,
+        "--model",
+        tiny_flax,
+        "--controlnet",
+        tiny_controlnet,
+        "--control",
+        "canny",
+        "--control-scale",
+        "0.7",
+        "--canny-sigma",
+        "1.5",
+        "-o",
+        out,
+        *FAST,
+    )
+    assert code == 0, stderr
+    sidecar = json.loads((out / "rival.json").read_text())
+    assert sidecar["run_options"]["controlnet"] == [str(tiny_controlnet)]
+    assert sidecar["control_image"] == ["canny"] and sidecar["control_scale"] == [0.7]
+    assert sidecar["canny_sigma"] == 1.5
+    wrong = tmp_path / "edges.png"
+    Image.new("RGB", (64, 64)).save(wrong)
+    for extra, message in ((["--control-image", wrong], "make the map at the exemplar's size"), ([], "needs a map")):
+        args = ["generate", exemplar_file, "--model", tiny_flax, "--controlnet", tiny_controlnet, *extra]
+        code, _, stderr = _run(capsys, *args, "-o", tmp_path / "bad", *FAST)
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "bad").exists()

@@ -8,6 +8,7 @@ attention stage and the AdaIN stage are chosen per step by `lax` control flow on
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -17,6 +18,7 @@ from flax import struct
 from rival_jax import progress
 from rival_jax.config import RivalConfig
 from rival_jax.core.attention import FUSE, REPLACE
+from rival_jax.core.control import ControlInputs, control_residuals
 from rival_jax.core.ddim import DDIMSchedule, ddim_step
 from rival_jax.core.reference import ReferenceFeatures
 from rival_jax.core.unet import Conditioning, unet_output, unet_output_alongside, unet_output_injected
@@ -39,6 +41,7 @@ class GenerationInputs:
         chain latent (inpainting; all-true otherwise).
     settings: `RivalConfig.as_arrays()`.
     timesteps: (T,) generation order.
+    control: the ControlNets' inputs (`control.ControlInputs`), or None without ControlNet.
     """
 
     PER_VARIATION: ClassVar[tuple[str, ...]] = ("start",)
@@ -51,6 +54,7 @@ class GenerationInputs:
     region: jnp.ndarray
     settings: dict[str, jnp.ndarray]
     timesteps: jnp.ndarray
+    control: ControlInputs | None = None
 
 
 def shuffle_within(x: jnp.ndarray, region: jnp.ndarray, key: jax.Array) -> jnp.ndarray:
@@ -124,6 +128,7 @@ def aligned_generate(
     inputs: GenerationInputs,
     report_progress: bool = False,
     attention_implementation: str | None = None,
+    controlnets: tuple[Any, ...] = (),
 ) -> jnp.ndarray:
     """Denoise the variations `inputs.start` (N, 4, h, w) along the exemplar's chain; returns final latents.
 
@@ -131,48 +136,57 @@ def aligned_generate(
         XLA's persistent cache, so batch work leaves it off).
     attention_implementation (static): how the injected layers attend: None/"xla" (blockwise, see
         `attention`) or "cudnn" (`jax.nn.dot_product_attention`'s flash attention, NVIDIA GPUs, bf16/fp16).
+    controlnets (static): the Flax ControlNets whose params and images are `inputs.control`; their
+        residuals go to the variations only.
 
     >>> final = aligned_generate(unet, params["unet"], schedule, inputs)
     """
     count = inputs.start.shape[0]
     settings, contexts = inputs.settings, inputs.contexts
-    stride = schedule.stride(inputs.timesteps.shape[0])
+    steps = inputs.timesteps.shape[0]
+    stride = schedule.stride(steps)
     batch_cond = inputs.conditioning.repeat(count)
     reference_latents = inputs.chain[::-1]
     # The batch is [uncond x N, cond x N]; the two groups pair with the contexts [empty prompt, inversion prompt].
     group_context = jnp.array([0, contexts.size - 1])
     implementation = attention_implementation
 
-    def stored_exemplar(latents, t, stored):
+    def stored_exemplar(latents, t, stored, residuals):
         hidden, eps_reference = stored
         grouped = {path: states[group_context] for path, states in hidden.items()}
+        inject = functools.partial(unet_output_injected, unet, params, latents, t, batch_cond, grouped)
         branches = [
-            lambda: unet_output(unet, params, latents, t, batch_cond),
-            lambda: unet_output_injected(unet, params, latents, t, batch_cond, grouped, REPLACE, implementation),
-            lambda: unet_output_injected(unet, params, latents, t, batch_cond, grouped, FUSE, implementation),
+            lambda: unet_output(unet, params, latents, t, batch_cond, residuals),
+            lambda: inject(REPLACE, implementation, residuals),
+            lambda: inject(FUSE, implementation, residuals),
         ]
         return jax.lax.switch(attention_stage(t, settings), branches), eps_reference
 
-    def recomputed_exemplar(latents, t, x_reference):
+    def recomputed_exemplar(latents, t, x_reference, residuals):
         leading = contexts.size
         both = jnp.concatenate([jnp.broadcast_to(x_reference, (leading, *x_reference.shape)), latents])
         cond = Conditioning.concat([contexts, batch_cond])
+        residuals = None if residuals is None else residuals.after_zeros(leading)
+        alongside = functools.partial(unet_output_alongside, unet, params, both, t, cond, leading, group_context)
         branches = [
-            lambda: unet_output(unet, params, both, t, cond),
-            lambda: unet_output_alongside(unet, params, both, t, cond, leading, group_context, REPLACE, implementation),
-            lambda: unet_output_alongside(unet, params, both, t, cond, leading, group_context, FUSE, implementation),
+            lambda: unet_output(unet, params, both, t, cond, residuals),
+            lambda: alongside(REPLACE, implementation, residuals),
+            lambda: alongside(FUSE, implementation, residuals),
         ]
         output = jax.lax.switch(attention_stage(t, settings), branches)
         eps_reference = schedule.epsilon(output[leading - 1].astype(jnp.float32), x_reference, schedule.alpha(t))
         return output[leading:], eps_reference
 
     def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
-        t, x_reference, x_reference_next, stored = xs
+        index, t, x_reference, x_reference_next, stored = xs
         latents = jnp.concatenate([x, x])
+        residuals = None
+        if controlnets:
+            residuals = control_residuals(controlnets, inputs.control, latents, t, batch_cond, index, steps)
         if stored is None:
-            output, eps_reference = recomputed_exemplar(latents, t, x_reference)
+            output, eps_reference = recomputed_exemplar(latents, t, x_reference, residuals)
         else:
-            output, eps_reference = stored_exemplar(latents, t, stored)
+            output, eps_reference = stored_exemplar(latents, t, stored, residuals)
         alpha = schedule.alpha(t)
         eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
         eps_uncond, eps_cond = jnp.split(eps, 2)
@@ -191,6 +205,6 @@ def aligned_generate(
 
     reference = inputs.reference
     stored = None if reference is None else (reference.hidden, reference.eps)
-    xs = (inputs.timesteps, reference_latents[:-1], reference_latents[1:], stored)
+    xs = (jnp.arange(steps), inputs.timesteps, reference_latents[:-1], reference_latents[1:], stored)
     final, _ = jax.lax.scan(step, inputs.start, xs)
     return final

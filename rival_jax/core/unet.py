@@ -53,9 +53,17 @@ class Conditioning:
         return int(self.text.shape[0])
 
 
-def unet_output(unet: Any, params: Any, latents: jnp.ndarray, t: jnp.ndarray, cond: Conditioning) -> jnp.ndarray:
-    """The Flax UNet's raw prediction (epsilon or v), NCHW in and out; t is a scalar or one per entry."""
-    return unet.apply({"params": params}, latents, t, cond.text, added_cond_kwargs=cond.added).sample
+def unet_output(
+    unet: Any, params: Any, latents: jnp.ndarray, t: jnp.ndarray, cond: Conditioning, residuals: Any = None
+) -> jnp.ndarray:
+    """The Flax UNet's raw prediction (epsilon or v), NCHW in and out; t is a scalar or one per entry.
+
+    `residuals`: ControlNet residuals (`control.Residuals`) added inside the UNet, or None.
+    """
+    extra = {}
+    if residuals is not None:
+        extra = {"down_block_additional_residuals": residuals.down, "mid_block_additional_residual": residuals.mid}
+    return unet.apply({"params": params}, latents, t, cond.text, added_cond_kwargs=cond.added, **extra).sample
 
 
 def unet_output_recording(
@@ -78,10 +86,11 @@ def unet_output_injected(
     reference: dict[tuple[str, ...], jnp.ndarray],
     mode: str,
     implementation: str | None = None,
+    residuals: Any = None,
 ) -> jnp.ndarray:
     """The prediction with cross-image self-attention against stored `reference` states (`inject_reference`)."""
     with inject_reference(reference, mode, implementation):
-        return unet_output(unet, params, latents, t, cond)
+        return unet_output(unet, params, latents, t, cond, residuals)
 
 
 def unet_output_alongside(
@@ -94,7 +103,8 @@ def unet_output_alongside(
     group_reference: jnp.ndarray,
     mode: str,
     implementation: str | None = None,
+    residuals: Any = None,
 ) -> jnp.ndarray:
     """The prediction of a batch whose first `leading` entries are the exemplar's (`inject_from_batch`)."""
     with inject_from_batch(leading, group_reference, mode, implementation):
-        return unet_output(unet, params, latents, t, cond)
+        return unet_output(unet, params, latents, t, cond, residuals)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from rival_jax import images
 from rival_jax.core.parallel import initialize_distributed, process_share
 from rival_jax.errors import RivalError
-from rival_jax.jobs.common import load_pipeline, log, prepare_runtime, read_exemplar, show_progress
+from rival_jax.jobs.common import check_control, load_pipeline, log, prepare_runtime, read_exemplar, show_progress
 from rival_jax.jobs.settings import ROW_FIELDS, generation_arguments, merge_settings, parse_text_value
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
@@ -123,12 +123,19 @@ def read_rows(source: str | os.PathLike, defaults: dict[str, Any], model: str) -
             values.setdefault("seed", defaults.get("seed", 0) + number)
             if values.get("mask"):
                 values["mask"] = str(base / values["mask"])
+            if values.get("control_image"):
+                maps = values["control_image"]
+                values["control_image"] = [m if m == "canny" else str(base / m) for m in _as_list(maps)]
             settings = merge_settings(defaults, values)
             image = base / str(entry["image"])
             rows.append(Row(number, image, settings, _row_key(image, settings, model)))
         except RivalError as error:
             problems.append(f"row {number} skipped: {error}")
     return rows, problems
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _read_records(output: Path) -> set[tuple[str, int]]:
@@ -211,7 +218,9 @@ def run_augment(
         for number, indices in todo.items():
             row = by_number[number]
             try:
-                exemplar, mask = read_exemplar(row.image, row.settings["mask"])
+                exemplar, mask, control_maps = read_exemplar(
+                    row.image, row.settings["mask"], row.settings["control_image"]
+                )
             except RivalError as error:
                 summary.skipped_rows += 1
                 summary.problems.append(f"row {number} skipped: {error}")
@@ -219,7 +228,8 @@ def run_augment(
                 bar.update(len(indices))
                 continue
             try:
-                _generate_row(pipe, row, exemplar, mask, indices, batch_size, image_dir, records, bar)
+                inputs = (exemplar, mask, control_maps)
+                _generate_row(pipe, row, inputs, indices, batch_size, image_dir, records, bar)
                 summary.generated += len(indices)
             except Exception as error:  # one bad exemplar must not stop a long job
                 summary.failed_rows += 1
@@ -242,8 +252,9 @@ def _record(row: Row, index: int, adopted: bool = False) -> dict[str, Any]:
     }
 
 
-def _generate_row(pipe, row, exemplar, mask, indices, batch_size, image_dir, records, bar) -> None:
-    settings = row.settings
+def _generate_row(pipe, row, inputs, indices, batch_size, image_dir, records, bar) -> None:
+    exemplar, mask, control_maps = inputs
+    settings = {**row.settings, "control_image": control_maps}
     chain = pipe.invert(exemplar, settings["inversion_prompt"], settings["steps"])
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
@@ -267,7 +278,7 @@ def run_augment_job(job: dict[str, Any], options: RunOptions, row: dict[str, Any
 
     >>> run_augment_job({**JOB_DEFAULTS, "source": "photos/", "batch_size": 8, ...}, RunOptions(), {})
     """
-    merge_settings(row)
+    check_control(options, merge_settings(row))
     if job["batch_size"] < 1:
         raise RivalError(f"--batch-size {job['batch_size']} is out of range: use an integer >= 1")
     process_index, process_count = 0, 1

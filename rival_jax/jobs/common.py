@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from rival_jax import images
+from rival_jax.errors import RivalError
 from rival_jax.options import RunOptions
 
 # Options of a job that are neither run options of the pipeline nor per-exemplar settings.
@@ -63,7 +64,38 @@ def show_progress(job: dict[str, Any]) -> bool:
     return sys.stderr.isatty() if job["progress"] is None else bool(job["progress"])
 
 
-def read_exemplar(path: str | Path, mask: str | Path | None) -> tuple[Image.Image, Image.Image | None]:
-    """An exemplar as RGB and its optional mask (drawn at the exemplar's size), with one-line errors."""
+def check_control(options: RunOptions, settings: dict[str, Any]) -> None:
+    """ControlNets and their maps must come together, one map per ControlNet (before anything loads)."""
+    maps, count = settings["control_image"], len(options.controlnet)
+    given = 0 if maps is None else len(maps) if isinstance(maps, list) else 1
+    if count and not given:
+        raise RivalError(
+            "--controlnet needs a map: add --control-image FILE (at the exemplar's size) or --control canny"
+        )
+    if given and not count:
+        raise RivalError("a control image needs a ControlNet: add --controlnet PATH_OR_HUB_ID")
+    if given not in (1, count):
+        raise RivalError(f"{given} control images for {count} ControlNets: give one per --controlnet")
+
+
+def read_exemplar(
+    path: str | Path, mask: str | Path | None, control_images: Any = None
+) -> tuple[Image.Image, Image.Image | None, list | None]:
+    """An exemplar as RGB, its optional mask and ControlNet maps (files at the exemplar's size, or "canny").
+
+    Every file is opened and checked here, before a model is loaded; errors are one line.
+    """
     exemplar = images.as_rgb(images.open_image(path), f"exemplar {path}")
-    return exemplar, images.open_mask(mask, exemplar.size) if mask else None
+    maps = None
+    if control_images is not None:
+        maps = []
+        for entry in control_images if isinstance(control_images, list) else [control_images]:
+            if entry != "canny":
+                entry = images.open_image(entry, "control image")
+                if entry.size != exemplar.size:
+                    raise RivalError(
+                        f"control image {entry.filename or ''} is {entry.size[0]}x{entry.size[1]} but the exemplar "
+                        f"is {exemplar.size[0]}x{exemplar.size[1]}: make the map at the exemplar's size"
+                    )
+            maps.append(entry)
+    return exemplar, images.open_mask(mask, exemplar.size) if mask else None, maps

@@ -11,8 +11,16 @@ from typing import Any
 import numpy as np
 
 from rival_jax import images
-from rival_jax.jobs.common import bundled_exemplar, load_pipeline, log, prepare_runtime, read_exemplar, show_progress
-from rival_jax.jobs.settings import generation_arguments, merge_settings
+from rival_jax.jobs.common import (
+    bundled_exemplar,
+    check_control,
+    load_pipeline,
+    log,
+    prepare_runtime,
+    read_exemplar,
+    show_progress,
+)
+from rival_jax.jobs.settings import CONTROL_FIELDS, generation_arguments, merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
 
@@ -28,8 +36,9 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
     >>> run_generate({**JOB_DEFAULTS, "exemplar": "photo.jpg"}, RunOptions(), {"prompt": "a cat"})
     """
     settings = merge_settings(row)
+    check_control(options, settings)
     exemplar_path = job.get("exemplar") or str(bundled_exemplar())
-    exemplar, mask = read_exemplar(exemplar_path, settings["mask"])
+    exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"])
     output = Path(job["output"])
     prepare_runtime(job)
     show = show_progress(job)
@@ -42,7 +51,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         clock = time.perf_counter()
         result = pipe.generate(
             chain,
-            **generation_arguments(settings),
+            **generation_arguments({**settings, "control_image": control_maps}),
             num_variations=settings["num_variations"],
             mask=mask,
             show_progress=show,
@@ -79,6 +88,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "inversion_prompt": settings["inversion_prompt"],
         "negative_prompt": settings["negative_prompt"],
         "mask": settings["mask"],
+        **{name: settings[name] for name in CONTROL_FIELDS},
         "num_inference_steps": settings["steps"],
         "seed": settings["seed"],
         "config": settings["config"].as_dict(),

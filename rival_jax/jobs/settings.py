@@ -14,6 +14,7 @@ from typing import Any
 
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
+from rival_jax.images import CannyEdges
 
 TASKS = ("variation", "text", "edit", "inpaint")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RivalConfig))
@@ -27,6 +28,13 @@ ROW_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "steps": 50,
     "mask": None,
+    "control_image": None,
+    "control_scale": 1.0,
+    "control_start": 0.0,
+    "control_end": 1.0,
+    "canny_sigma": 2.0,
+    "canny_low": None,
+    "canny_high": None,
 }
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "variation": {},
@@ -35,6 +43,10 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "inpaint": {"inversion_prompt": ""},
 }
 ROW_FIELDS = (*ROW_DEFAULTS, *CONFIG_FIELDS)
+# Numeric row settings whose default is None, and those that take one number per ControlNet.
+NUMBER_FIELDS = ("canny_low", "canny_high")
+PER_CONTROLNET = ("control_scale", "control_start", "control_end")
+CONTROL_FIELDS = ("control_image", *PER_CONTROLNET, "canny_sigma", *NUMBER_FIELDS)
 
 
 def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
@@ -58,17 +70,32 @@ def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
         raise RivalError(f"steps={steps!r} is out of range: use an integer in 1..1000")
     if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
         raise RivalError(f"seed={settings['seed']!r} is not an integer")
+    for name in (*PER_CONTROLNET, "canny_sigma", *NUMBER_FIELDS):
+        values = settings[name] if isinstance(settings[name], list) else [settings[name]]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None):
+            raise RivalError(f"{name}={settings[name]!r} is not a number")
     settings["config"] = RivalConfig.from_dict({k: settings[k] for k in CONFIG_FIELDS})
     return settings
 
 
 def generation_arguments(settings: dict[str, Any]) -> dict[str, Any]:
-    """The `RivalPipeline.generate` keyword arguments that resolved job settings fix."""
+    """The `RivalPipeline.generate` keyword arguments that resolved job settings fix.
+
+    A control image "canny" becomes `images.CannyEdges` with the row's thresholds.
+    """
+    canny = CannyEdges(settings["canny_sigma"], settings["canny_low"], settings["canny_high"])
+    maps = settings["control_image"]
+    if maps is not None:
+        maps = [canny if m == "canny" else m for m in (maps if isinstance(maps, list) else [maps])]
     return {
         "prompt": settings["prompt"],
         "negative_prompt": settings["negative_prompt"],
         "seed": settings["seed"],
         "config": settings["config"],
+        "control_image": maps,
+        "controlnet_conditioning_scale": settings["control_scale"],
+        "control_guidance_start": settings["control_start"],
+        "control_guidance_end": settings["control_end"],
     }
 
 
@@ -109,7 +136,7 @@ def parse_text_value(name: str, text: str) -> Any:
     try:
         if isinstance(default, int):
             return int(text)
-        if isinstance(default, float):
+        if isinstance(default, float) or name in NUMBER_FIELDS:
             return float(text)
     except ValueError:
         raise RivalError(f"{name}={text!r} is not a number") from None

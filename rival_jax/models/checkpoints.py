@@ -2,7 +2,7 @@
 
 Weights may be Flax msgpack or PyTorch safetensors. Safetensors are converted without torch: the
 parameter layout comes from `jax.eval_shape` of the Flax module's init (no random model is built),
-and the renaming rules are the libraries' own (diffusers for UNet/VAE, transformers for CLIP).
+and the renaming rules are the libraries' own (diffusers for UNet/VAE/ControlNet, transformers for CLIP).
 Converted params are cached with orbax-checkpoint under a key that hashes the weight file and
 config, so a changed checkpoint is never served from a stale cache.
 """
@@ -34,6 +34,7 @@ WEIGHTS = {
     "vae": DIFFUSERS_WEIGHTS,
     "text_encoder": TRANSFORMERS_WEIGHTS,
     "text_encoder_2": TRANSFORMERS_WEIGHTS,
+    "controlnet": DIFFUSERS_WEIGHTS,
 }
 
 
@@ -58,12 +59,13 @@ def variant_glob(name: str) -> str:
     return variant_file(name, "*")
 
 
-def find_weights(sub: Path, variant: str | None) -> tuple[Path, str | None]:
+def find_weights(sub: Path, variant: str | None, kind: str | None = None) -> tuple[Path, str | None]:
     """The weight file of component folder `sub` and its variant; Flax msgpack wins over safetensors.
 
-    Without a requested variant the plain file is used, else the only variant present.
+    Without a requested variant the plain file is used, else the only variant present. `kind` is the
+    `WEIGHTS` key of the component (default: the folder's name).
     """
-    names = WEIGHTS[sub.name]
+    names = WEIGHTS[kind or sub.name]
     if variant is None:
         for name in names:
             if (sub / name).is_file():
@@ -141,7 +143,8 @@ def convert_pytorch_state_dict(
 
 
 LIST_CONTAINERS = re.compile(
-    r"^(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|to_out|net)_(\d+)$"
+    r"^(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|to_out|net"
+    r"|controlnet_down_blocks|blocks)_(\d+)$"
 )
 FLAX_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -149,8 +152,8 @@ FLAX_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_a
 def flax_to_pytorch_state_dict(params: dict) -> dict[str, np.ndarray]:
     """Flax params to the PyTorch names and layouts that diffusers/transformers checkpoints use.
 
-    The inverse of `convert_pytorch_state_dict` for SD/SDXL UNets, VAEs and CLIP text models (with
-    or without projection); used to write tiny checkpoints in the form real ones are published in.
+    The inverse of `convert_pytorch_state_dict` for SD/SDXL UNets, VAEs, ControlNets and CLIP text
+    models (with or without projection); used to write tiny checkpoints in the form real ones are published in.
     """
     state = {}
     for path, value in flatten_dict(params).items():
@@ -197,8 +200,23 @@ def build_module(folder: Path, name: str, dtype: jnp.dtype) -> tuple[Any, dict, 
         return module, params_layout(module), functools.partial(_transformers_rename, prefix=cls.base_model_prefix)
     from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
-    cls = FlaxUNet2DConditionModel if name == "unet" else FlaxAutoencoderKL
-    # Keys the Flax class lacks were vetted by `families.detect_family`; passing them on only makes diffusers warn.
+    # Keys the Flax class lacks were vetted by `families.detect_family`.
+    return build_diffusers_module(FlaxUNet2DConditionModel if name == "unet" else FlaxAutoencoderKL, config, dtype)
+
+
+def build_diffusers_module(cls: type, config: dict, dtype: jnp.dtype) -> tuple[Any, dict, Callable]:
+    """A diffusers Flax module from a (PyTorch-side) config, its abstract params layout and its PyTorch renamer.
+
+    Keys the Flax class does not take are dropped, since passing them on only makes diffusers warn;
+    callers refuse beforehand those whose non-default values the Flax class would get wrong.
+
+    Args:
+        cls: the diffusers Flax class, e.g. `FlaxControlNetModel`.
+        config: the parsed config.json.
+        dtype: the module's compute dtype.
+
+    >>> module, shapes, rename = build_diffusers_module(FlaxControlNetModel, config, jnp.float32)
+    """
     fields = {field.name for field in dataclasses.fields(cls)}
     module = cls.from_config({k: v for k, v in config.items() if k in fields}, dtype=dtype)
     return module, params_layout(module), _diffusers_rename
@@ -222,28 +240,46 @@ def load_component(
         variant: weight file variant such as 'fp16'; None for the plain file (or the only variant present).
     """
     module, shapes, rename = build_module(folder, name, dtype)
-    weights, variant = find_weights(folder / name, variant)
+    return (module, *load_params(folder / name, name, shapes, rename, cache_dir, variant))
+
+
+def load_params(
+    sub: Path, kind: str, shapes: dict, rename: Callable, cache_dir: Path | None, variant: str | None = None
+) -> tuple[dict, str]:
+    """(float32 params, source) of the component in folder `sub`, converted from safetensors (and cached) if needed.
+
+    Args:
+        sub: the component folder (config.json and weights).
+        kind: the component's `WEIGHTS` key; also names its cache entries.
+        shapes: the module's abstract params layout (`params_layout`).
+        rename: the PyTorch-to-Flax renamer (`build_module`, `build_diffusers_module`).
+        cache_dir: where converted safetensors are cached; None converts on every load.
+        variant: weight file variant such as 'fp16'; None for the plain file (or the only variant present).
+
+    >>> params, source = load_params(folder / "controlnet", "controlnet", shapes, rename, cache_dir=None)
+    """
+    weights, variant = find_weights(sub, variant, kind)
     if weights.suffix == ".msgpack":
         try:
             params = serialization.msgpack_restore(weights.read_bytes())
         except Exception as error:
             raise RivalError(f"{weights} is not a Flax msgpack file ({error}): re-export it") from None
-        return module, _check_against_layout(params, shapes, weights), _source("flax msgpack", variant)
+        return _check_against_layout(params, shapes, weights), _source("flax msgpack", variant)
     if cache_dir is None:
         state = _read_safetensors(weights)
         params = _check_against_layout(convert_pytorch_state_dict(state, shapes, rename), shapes, weights)
-        return module, params, _source("safetensors", variant)
+        return params, _source("safetensors", variant)
     import orbax.checkpoint as ocp
 
-    entry = (cache_dir / "params" / f"{name}-{_file_digest(weights, folder / name / 'config.json')}").absolute()
+    entry = (cache_dir / "params" / f"{kind}-{_file_digest(weights, sub / 'config.json')}").absolute()
     checkpointer = ocp.StandardCheckpointer()
     if entry.is_dir():
         target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
         params = jax.tree_util.tree_map(np.asarray, checkpointer.restore(entry, target))
-        return module, params, _source("orbax cache", variant)
+        return params, _source("orbax cache", variant)
     state = _read_safetensors(weights)
     params = _check_against_layout(convert_pytorch_state_dict(state, shapes, rename), shapes, weights)
     entry.parent.mkdir(parents=True, exist_ok=True)
     checkpointer.save(entry, params)
     checkpointer.wait_until_finished()
-    return module, params, _source("safetensors", variant, "converted", "cached")
+    return params, _source("safetensors", variant, "converted", "cached")

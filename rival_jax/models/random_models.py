@@ -3,7 +3,8 @@
 - The built-in **tiny checkpoints**: every part a real checkpoint of the family has (UNet, a
   4-block VAE with the real 8x downsampling, one or two CLIP text models, working byte-level BPE
   tokenizers, the family's scheduler config), written in either weight format, so the whole
-  pipeline and both loading paths run anywhere in seconds.
+  pipeline and both loading paths run anywhere in seconds; and a **tiny ControlNet** for the
+  SD 1.x/2.x ones (`write_tiny_controlnet`).
 - The **full architectures** (SD 1.5, SD 2.1, SDXL base 1.0) in memory (`random_full_models`), so
   speed and memory can be measured without downloading weights.
 
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +26,13 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.errors import RivalError
+from rival_jax.images import write_folder_atomic
 from rival_jax.models.architectures import FULL, SCHEDULER_CONFIG, TINY, Architecture
-from rival_jax.models.checkpoints import WEIGHTS, flax_to_pytorch_state_dict, params_layout
+from rival_jax.models.checkpoints import (
+    WEIGHTS,
+    flax_to_pytorch_state_dict,
+    params_layout,
+)
 from rival_jax.models.families import FAMILIES, TEXT_COMPONENTS
 from rival_jax.models.loading import TINY_MARKER, LoadedModels, default_cache_dir
 
@@ -37,8 +41,10 @@ __all__ = [
     "TINY_VERSION",
     "WeightFormat",
     "build_modules",
+    "check_weight_format",
     "random_full_models",
     "random_params",
+    "save_weights",
     "tiny_checkpoint",
     "write_tiny_checkpoint",
 ]
@@ -136,6 +142,11 @@ def _check_family(family: str) -> None:
         raise RivalError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
 
 
+def check_weight_format(weight_format: str) -> None:
+    if weight_format not in ("flax", "safetensors"):
+        raise RivalError(f"weight_format must be 'flax' or 'safetensors', not {weight_format!r}")
+
+
 def build_modules(arch: Architecture, tokenizers: tuple, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
     """The Flax modules of an architecture, without params: unet, vae, text_encoder[, text_encoder_2].
 
@@ -177,8 +188,13 @@ def _random_weights(
     return params
 
 
-def _save_weights(folder: Path, module, params, weight_format: WeightFormat, extra_config: dict) -> None:
-    """Save config.json and weights, with PyTorch class names and tensor names for the safetensors form."""
+def save_weights(
+    folder: Path, module, params, weight_format: WeightFormat, extra_config: dict, kind: str | None = None
+) -> None:
+    """Save config.json and weights, with PyTorch class names and tensor names for the safetensors form.
+
+    `kind` is the `WEIGHTS` key of the component (default: the folder's name).
+    """
     module.save_pretrained(str(folder), params=params)
     if weight_format == "flax" and not extra_config:
         return
@@ -192,7 +208,9 @@ def _save_weights(folder: Path, module, params, weight_format: WeightFormat, ext
             config["_class_name"] = config["_class_name"].removeprefix("Flax")
         if "architectures" in config:
             config["architectures"] = [name.removeprefix("Flax") for name in config["architectures"]]
-        save_file(flax_to_pytorch_state_dict(params), str(folder / WEIGHTS[folder.name][1]), metadata={"format": "pt"})
+        save_file(
+            flax_to_pytorch_state_dict(params), str(folder / WEIGHTS[kind or folder.name][1]), metadata={"format": "pt"}
+        )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -208,8 +226,7 @@ def write_tiny_checkpoint(
         family: 'sd1', 'sd2' or 'sdxl'.
     """
     folder = Path(folder)
-    if weight_format not in ("flax", "safetensors"):
-        raise RivalError(f"weight_format must be 'flax' or 'safetensors', not {weight_format!r}")
+    check_weight_format(weight_format)
     _check_family(family)
     arch = TINY[family]
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,7 +235,7 @@ def write_tiny_checkpoint(
     params = _random_weights(modules, seed)
     for name, module in modules.items():
         extra = arch.vae_extra if name == "vae" else {}
-        _save_weights(folder / name, module, params[name], weight_format, extra)
+        save_weights(folder / name, module, params[name], weight_format, extra)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch.scheduler, indent=2))
     prefix = "Flax" if weight_format == "flax" else ""
@@ -244,17 +261,9 @@ def tiny_checkpoint(
     target = root / (name if family == "sd1" else f"{name}-{family}")
     if (target / "model_index.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
-    try:
-        write_tiny_checkpoint(staging, seed=seed, weight_format=weight_format, family=family)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "model_index.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_folder_atomic(
+        target, lambda staging: write_tiny_checkpoint(staging, seed=seed, weight_format=weight_format, family=family)
+    )
 
 
 def random_full_models(family: str, dtype: jnp.dtype = jnp.float32, seed: int = 0) -> LoadedModels:

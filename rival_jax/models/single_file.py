@@ -32,15 +32,14 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from rival_jax.errors import RivalError
+from rival_jax.images import write_folder_atomic
 from rival_jax.models.checkpoints import read_json
 from rival_jax.models.families import FAMILIES, TEXT_COMPONENTS, detect_family
 from rival_jax.models.loading import default_cache_dir
@@ -277,14 +276,4 @@ def convert_single_file(
             f"{path} is an {file_family} checkpoint but config_folder {config_folder} holds an {folder_family} "
             f"model: pass a config_folder of the {file_family} family"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
-    try:
-        _write_folder(staging, checkpoint, file_family, config_folder)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "model_index.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_folder_atomic(target, lambda staging: _write_folder(staging, checkpoint, file_family, config_folder))

@@ -1,0 +1,161 @@
+"""RIVAL + ControlNet: the authors' outputs, diffusers' Flax ControlNet pipeline, and where residuals go."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionControlNetPipeline
+from PIL import Image
+
+from rival_jax import RivalConfig, RivalError, RivalPipeline, images
+from rival_jax.core.ddim import DDIM_OVERRIDES
+
+from .conftest import PARITY
+
+STEPS = 4
+PLAIN = RivalConfig(guidance_scale=5.0, attention_injection=False, noise_alignment=False)
+
+
+def relative_error(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+@pytest.fixture(scope="module")
+def control_pipe(tiny_flax, tiny_controlnet):
+    return RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, controlnet=tiny_controlnet)
+
+
+@pytest.fixture(scope="module")
+def square_chain(control_pipe, exemplar):
+    return control_pipe.invert(exemplar[:, :120].copy(), prompt="a photo of a cat", num_inference_steps=STEPS)
+
+
+def _start(chain, count=2, seed=3):
+    return jax.random.normal(jax.random.PRNGKey(seed), (count, *chain.latents.shape[1:]))
+
+
+@pytest.mark.skipif(not PARITY.is_dir(), reason=f"parity reference not found at {PARITY}")
+def test_rival_controlnet_matches_the_authors(cache_dir):
+    arrays = np.load(PARITY / "ref_controlnet.npz")
+    meta = json.loads((PARITY / "ref_controlnet.json").read_text())
+    pipe = RivalPipeline.from_pretrained(PARITY / "tiny-sd", cache_dir=cache_dir, controlnet=PARITY / "controlnet-tiny")
+    chain = pipe.invert(arrays["exemplar"], prompt=meta["inversion_prompt"], num_inference_steps=10)
+    np.testing.assert_array_equal(chain.timesteps, meta["timesteps"])
+    assert relative_error(chain.latents, arrays["chain"]) < 1e-4
+    config = RivalConfig(guidance_scale=meta["guidance_scale"], t_align=meta["t_align"], t_early=meta["t_early"])
+    out = pipe.generate(
+        chain,
+        prompt=meta["prompts"][1],
+        negative_prompt=meta["negative_prompts"][1],
+        config=config,
+        latents=arrays["start_latents"][1:2],
+        control_image=arrays["control_image"],
+        controlnet_conditioning_scale=meta["controlnet_conditioning_scale"],
+        output_type="latent",
+    )
+    assert relative_error(out.latents[0], arrays["final_latents"][1]) < 5e-4
+    np.testing.assert_array_equal(images.canny(chain.image), arrays["control_image"])  # their map is our "canny"
+
+
+def test_plain_generation_equals_diffusers_flax_controlnet_pipeline(control_pipe, square_chain):
+    chain, models = square_chain, control_pipe.models
+    config = json.loads((models.path / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = FlaxDDIMScheduler.from_config({**config, **DDIM_OVERRIDES})
+    controlnet = control_pipe.controlnets[0]
+    peer = FlaxStableDiffusionControlNetPipeline(
+        vae=models.vae,
+        text_encoder=models.text_encoders[0],
+        tokenizer=models.tokenizers[0],
+        unet=models.unet,
+        controlnet=controlnet.module,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+    )
+    control = Image.fromarray(np.asarray(chain.image)[::-1].copy())
+    start = _start(chain, count=1)
+    ours = control_pipe.generate(
+        chain,
+        prompt="a dog",
+        negative_prompt="blue",
+        latents=start,
+        config=PLAIN,
+        control_image=control,
+        controlnet_conditioning_scale=0.8,
+        output_type="np",
+    ).images
+    params = {**control_pipe.params, "controlnet": controlnet.params, "scheduler": scheduler.create_state()}
+    theirs = peer(
+        peer.prepare_text_inputs(["a dog"]),
+        peer.prepare_image_inputs([control]),
+        params,
+        jax.random.PRNGKey(0),
+        num_inference_steps=STEPS,
+        guidance_scale=PLAIN.guidance_scale,
+        latents=start,
+        neg_prompt_ids=peer.prepare_text_inputs(["blue"]),
+        controlnet_conditioning_scale=0.8,
+        jit=False,
+    ).images
+    assert theirs.shape == ours.shape == (1, 128, 128, 3)
+    assert relative_error(ours, theirs) < 1e-4
+
+
+def test_scale_zero_equals_no_controlnet_and_the_range_matters(control_pipe, tiny_pipe, square_chain):
+    chain, start = square_chain, _start(square_chain)
+
+    def final(pipe, **control):
+        return pipe.generate(chain, latents=start, seed=1, output_type="latent", **control).latents
+
+    without = final(tiny_pipe)
+    np.testing.assert_allclose(
+        final(control_pipe, control_image="canny", controlnet_conditioning_scale=0.0), without, rtol=0, atol=1e-6
+    )
+    full = final(control_pipe, control_image="canny")
+    assert relative_error(full, without) > 1e-3
+    half = final(control_pipe, control_image="canny", control_guidance_end=0.5)
+    assert relative_error(half, full) > 1e-4 and relative_error(half, without) > 1e-4
+
+
+def test_residuals_never_reach_the_exemplar(control_pipe, tiny_pipe, square_chain, exemplar):
+    """Inversion and the exemplar's entries get no residuals: recomputing the exemplar beside the
+    controlled variations gives what its stored, ControlNet-free features give."""
+    plain_chain = tiny_pipe.invert(exemplar[:, :120].copy(), prompt="a photo of a cat", num_inference_steps=STEPS)
+    np.testing.assert_array_equal(plain_chain.latents, square_chain.latents)
+    recompute = RivalPipeline(
+        control_pipe.models, control_pipe.options.replace(reference_mode="recompute"), control_pipe.controlnets
+    )
+    keep = RivalPipeline(
+        control_pipe.models, control_pipe.options.replace(reference_mode="keep"), control_pipe.controlnets
+    )
+    config = RivalConfig(t_align=500, t_early=700)
+    outs = [
+        pipe.generate(square_chain, latents=_start(square_chain), config=config, control_image="canny")
+        for pipe in (keep, recompute)
+    ]
+    assert [out.reference_mode for out in outs] == ["keep", "recompute"]
+    assert relative_error(outs[1].latents, outs[0].latents) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "pass control_image"),
+        ({"control_image": np.zeros((50, 60, 3), np.uint8)}, "make the map at the exemplar's size"),
+        ({"control_image": ["canny", "canny"]}, "one per ControlNet"),
+        ({"control_image": "canny", "control_guidance_start": 0.6, "control_guidance_end": 0.4}, "start < end"),
+    ],
+)
+def test_bad_control_input_gets_a_one_line_error(control_pipe, square_chain, kwargs, message):
+    with pytest.raises(RivalError, match=message) as error:
+        control_pipe.generate(square_chain, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_a_control_image_needs_a_controlnet(tiny_pipe, square_chain):
+    with pytest.raises(RivalError, match="no ControlNet is loaded"):
+        tiny_pipe.generate(square_chain, control_image="canny")

@@ -214,7 +214,13 @@ def test_controlnet_from_the_command_line(capsys, tmp_path, tiny_flax, tiny_cont
     assert sidecar["canny_sigma"] == 1.5
     wrong = tmp_path / "edges.png"
     Image.new("RGB", (64, 64)).save(wrong)
-    for extra, message in ((["--control-image", wrong], "make the map at the exemplar's size"), ([], "needs a map")):
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        (["--control-image", wrong], "make the map at the exemplar's size"),
+        (["--control-image", tmp_path / "notes.png"], "not a readable image"),
+        ([], "needs a map"),
+    ]
+    for extra, message in cases:
         args = ["generate", exemplar_file, "--model", tiny_flax, "--controlnet", tiny_controlnet, *extra]
         code, _, stderr = _run(capsys, *args, "-o", tmp_path / "bad", *FAST)
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr

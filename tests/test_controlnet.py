@@ -126,6 +126,8 @@ def test_residuals_never_reach_the_exemplar(control_pipe, tiny_pipe, square_chai
     controlled variations gives what its stored, ControlNet-free features give."""
     plain_chain = tiny_pipe.invert(exemplar[:, :120].copy(), prompt="a photo of a cat", num_inference_steps=STEPS)
     np.testing.assert_array_equal(plain_chain.latents, square_chain.latents)
+    features = [pipe.reference_pass(square_chain) for pipe in (control_pipe, tiny_pipe)]
+    assert all(np.array_equal(a, b) for a, b in zip(*map(jax.tree_util.tree_leaves, features), strict=True))
     recompute = RivalPipeline(
         control_pipe.models, control_pipe.options.replace(reference_mode="recompute"), control_pipe.controlnets
     )

@@ -15,9 +15,11 @@ SCRIPT = textwrap.dedent(
     """
     import sys, jax, numpy as np
     from rival_jax import RivalPipeline
-    pipe = RivalPipeline.from_pretrained(sys.argv[1], cache_dir=None)
+    controlnet = sys.argv[4:]
+    pipe = RivalPipeline.from_pretrained(sys.argv[1], cache_dir=None, controlnet=controlnet)
     chain = pipe.invert(np.load(sys.argv[2]), prompt="a photo of a cat", num_inference_steps=6)
-    out = pipe.generate(chain, num_variations=5, seed=21, output_type="latent")
+    control = "canny" if controlnet else None
+    out = pipe.generate(chain, num_variations=5, seed=21, output_type="latent", control_image=control)
     np.save(sys.argv[3], out.latents)
     print(pipe.mesh.size)
     """
@@ -25,19 +27,25 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_eight_devices_give_the_same_variations_as_one(tmp_path, family_pipes, exemplar, family):
+def test_eight_devices_give_the_same_variations_as_one(tmp_path, family_pipes, tiny_controlnet, exemplar, family):
+    """SDXL as it is; SD 1 with a ControlNet, whose map is replicated like the exemplar's features."""
+    from rival_jax import RivalPipeline
+
     pipe = family_pipes[family]
+    controlnet = [str(tiny_controlnet)] if family == "sd1" else []
+    if controlnet:
+        pipe = RivalPipeline.from_pretrained(pipe.models.path, cache_dir=None, controlnet=controlnet)
     np.save(tmp_path / "exemplar.npy", exemplar)
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "", "HF_HUB_OFFLINE": "1"}
-    model, files = str(pipe.models.path), (str(tmp_path / "exemplar.npy"), str(tmp_path / "l.npy"))
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, model, *files], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    files = (str(tmp_path / "exemplar.npy"), str(tmp_path / "l.npy"))
+    command = [sys.executable, "-c", SCRIPT, str(pipe.models.path), *files, *controlnet]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "8"
     eight = np.load(tmp_path / "l.npy")
     chain = pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=6)
-    one = pipe.generate(chain, num_variations=5, seed=21, output_type="latent").latents
+    control = "canny" if controlnet else None
+    one = pipe.generate(chain, num_variations=5, seed=21, output_type="latent", control_image=control).latents
     assert pipe.mesh.size == 1 and eight.shape == one.shape == (5, 4, 12, 16)
     np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
 

@@ -52,11 +52,17 @@ class RivalConfig:
     noise_alignment: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("t_align", "t_early", "editing_start"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise RivalError(f"{name}={value!r} is not an integer")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+            raise RivalError(f"guidance_scale={self.guidance_scale!r} is not a number")
         for name in ("t_align", "t_early"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value <= 999:
+            if not 0 <= value <= 999:
                 raise RivalError(f"{name}={value!r} is out of range: use an integer timestep in 0..999")
-        if not isinstance(self.editing_start, int) or not 0 <= self.editing_start <= 1000:
+        if not 0 <= self.editing_start <= 1000:
             raise RivalError(
                 f"editing_start={self.editing_start!r} is out of range: use an integer in 0..1000 "
                 "(1000 = inject at every step)"

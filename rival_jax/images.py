@@ -197,12 +197,22 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     return sheet
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
-    """Write via a temporary file in the same folder and rename it over `path`: never a half-written file."""
+    """Write via a temporary file in the same folder and rename it over `path`: never a half-written file.
+
+    The file gets the mode a plain `open` would give (0666 less the umask), not the temporary's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb" if binary else "w") as stream:
             write(stream)
             stream.flush()

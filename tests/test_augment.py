@@ -180,3 +180,13 @@ def test_manifest_rows_carry_their_control_maps(tmp_path, tiny_flax, tiny_contro
     assert (summary.generated, summary.skipped_rows) == (2, 1)
     assert "missing-edges.png does not exist" in summary.problems[0]
     assert {r["settings"]["control_scale"] for r in _records(output)} == {0.5, 1.0}
+
+
+def test_a_relative_image_folder_is_read_once_not_joined_twice(tmp_path, monkeypatch):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "apple.png")
+    monkeypatch.chdir(tmp_path)
+    rows, problems = read_rows("src", {}, "tiny")
+    assert problems == [] and [row.image for row in rows] == [Path("src") / "apple.png"]
+    assert rows[0].image.is_file()

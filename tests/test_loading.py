@@ -135,3 +135,31 @@ def test_config_validation():
     with pytest.raises(RivalError, match="unknown setting"):
         RivalConfig.from_dict({"t_algn": 3})
     assert RivalConfig.from_dict({"t_align": 300}).t_align == 300
+    for values, message in (({"t_align": "ten"}, "not an integer"), ({"guidance_scale": "loud"}, "not a number")):
+        with pytest.raises(RivalError, match=message):
+            RivalConfig.from_dict(values)
+
+
+def test_settings_name_the_wrong_type():
+    from rival_jax.jobs.settings import merge_settings
+
+    for values, message in (({"steps": "ten"}, "steps='ten' is not an integer"), ({"seed": 1.5}, "not an integer")):
+        with pytest.raises(RivalError, match=message):
+            merge_settings(values)
+
+
+def test_written_files_get_the_umask_mode(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from rival_jax.images import save_json, save_png
+
+    previous = os.umask(0o022)
+    try:
+        png, record = save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png"), save_json({"a": 1}, tmp_path / "a.json")
+        os.umask(0o077)
+        private = save_json({"b": 2}, tmp_path / "b.json")
+    finally:
+        os.umask(previous)
+    assert [p.stat().st_mode & 0o777 for p in (png, record, private)] == [0o644, 0o644, 0o600]

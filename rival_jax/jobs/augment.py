@@ -78,7 +78,7 @@ def _manifest_entries(source: Path) -> Iterator[tuple[int, dict[str, Any] | Riva
     """(row number, raw values or the reason the row is unusable) for a manifest file or image folder."""
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        yield from ((n, {"image": str(p)}) for n, p in enumerate(files))
+        yield from ((n, {"image": p.name}) for n, p in enumerate(files))
         return
     if not source.is_file():
         raise RivalError(f"manifest {source} does not exist: pass a CSV/JSONL manifest or a folder of images")

@@ -62,14 +62,15 @@ def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
         settings["inversion_prompt"] = settings["prompt"]
     if task == "inpaint" and not settings["mask"]:
         raise RivalError("task inpaint needs a mask: an image the exemplar's size, white where to regenerate")
+    for name in ("num_variations", "steps", "seed"):
+        if not isinstance(settings[name], int) or isinstance(settings[name], bool):
+            raise RivalError(f"{name}={settings[name]!r} is not an integer")
     count = settings["num_variations"]
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+    if count < 1:
         raise RivalError(f"num_variations={count!r} is out of range: use an integer >= 1")
     steps = settings["steps"]
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+    if not 1 <= steps <= 1000:
         raise RivalError(f"steps={steps!r} is out of range: use an integer in 1..1000")
-    if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
-        raise RivalError(f"seed={settings['seed']!r} is not an integer")
     for name in (*PER_CONTROLNET, "canny_sigma", *NUMBER_FIELDS):
         values = settings[name] if isinstance(settings[name], list) else [settings[name]]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None):

@@ -269,8 +269,8 @@ class RivalPipeline:
             batch_size: pad the batch to at least this many (then to a multiple of the device count),
                 so calls with different counts reuse one compiled program; the padding is dropped.
             control_image: with ControlNets loaded, each one's map (a list with several): a path, PIL
-                image or uint8 array at the exemplar's size (or its processed size), or "canny" for
-                the processed exemplar's Canny edges (`images.canny`).
+                image or uint8 array at the exemplar's size (or its processed size), or "canny" /
+                `images.CannyEdges(sigma, low, high)` for the processed exemplar's Canny edges.
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end: per
                 ControlNet (one value for all, or a list), as in diffusers' ControlNet pipelines.
 
@@ -288,6 +288,13 @@ class RivalPipeline:
         indices = np.asarray(variation_indices, dtype=np.int32).reshape(-1)
         if indices.size == 0 or indices.min() < 0:
             raise RivalError("variation_indices must be a non-empty list of integers >= 0")
+        control = control_inputs(
+            self.controlnets,
+            chain,
+            self.dtype,
+            control_image,
+            (controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
+        )
         grid = tuple(chain.latents.shape[-2:])
         region = np.ones(grid, bool) if mask is None else images.mask_region(mask, chain.source_size, chain.size, grid)
         if latents is None:
@@ -297,13 +304,6 @@ class RivalPipeline:
             if start.shape != (indices.size, *chain.latents.shape[1:]):
                 expected = (indices.size, *chain.latents.shape[1:])
                 raise RivalError(f"latents have shape {start.shape}: expected {expected} (N, 4, h, w)")
-        control = control_inputs(
-            self.controlnets,
-            chain,
-            self.dtype,
-            control_image,
-            (controlnet_conditioning_scale, control_guidance_start, control_guidance_end),
-        )
         mode = self.reference_mode(chain)
         if mode == "keep" and chain.reference is None:
             chain.reference = self.reference_pass(chain, show_progress)

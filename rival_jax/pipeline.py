@@ -194,24 +194,36 @@ class RivalPipeline:
         latents = self._run("inversion", self.inversion_program(show_progress), len(timesteps), show_progress, args)
         return InversionChain(latents, timesteps, prompt, pixels, source_size)
 
+    @staticmethod
+    def _context_prompts(chain: InversionChain) -> list[str]:
+        return [""] if chain.prompt == "" else ["", chain.prompt]
+
     def contexts(self, chain: InversionChain) -> Conditioning:
         """The exemplar's guidance contexts: [empty prompt, inversion prompt], or one when they are equal."""
-        return self.encode_prompt([""] if chain.prompt == "" else ["", chain.prompt], chain.size)
+        return self.encode_prompt(self._context_prompts(chain), chain.size)
 
-    def reference_pass(self, chain: InversionChain, show_progress: bool = False) -> ReferenceFeatures:
-        """The exemplar's features for every step and context (what reference mode "keep" stores)."""
-        contexts = self.contexts(chain)
+    def reference_pass(
+        self, chain: InversionChain, show_progress: bool = False, contexts: Conditioning | None = None
+    ) -> ReferenceFeatures:
+        """The exemplar's features for every step and context (what reference mode "keep" stores).
+
+        `contexts`: `self.contexts(chain)` where the caller has it already.
+        """
+        contexts = self.contexts(chain) if contexts is None else contexts
         steps = reference_batches(chain.num_inference_steps * contexts.size, self.options.reference_batch_size)[0]
         args = (self.params["unet"], self.models.schedule, chain.latents, contexts, jnp.asarray(chain.timesteps))
         return self._run("reference pass", self.reference_program(show_progress), steps, show_progress, args)
 
     def reference_feature_bytes(self, chain: InversionChain) -> int:
         """Bytes the exemplar's stored features take (reference mode "keep"), from shapes alone."""
-        contexts = self.contexts(chain)
-        key = (chain.latents.shape, contexts.size)
+        key = (chain.latents.shape, len(self._context_prompts(chain)))
         if key not in self._feature_bytes:
             self._feature_bytes[key] = feature_bytes(
-                self.models.unet, self.params["unet"], chain.latents.shape[1:], contexts, chain.num_inference_steps
+                self.models.unet,
+                self.params["unet"],
+                chain.latents.shape[1:],
+                self.contexts(chain),
+                chain.num_inference_steps,
             )
         return self._feature_bytes[key]
 
@@ -304,15 +316,16 @@ class RivalPipeline:
             if start.shape != (indices.size, *chain.latents.shape[1:]):
                 expected = (indices.size, *chain.latents.shape[1:])
                 raise RivalError(f"latents have shape {start.shape}: expected {expected} (N, 4, h, w)")
+        contexts = self.contexts(chain)
         mode = self.reference_mode(chain)
         if mode == "keep" and chain.reference is None:
-            chain.reference = self.reference_pass(chain, show_progress)
+            chain.reference = self.reference_pass(chain, show_progress, contexts)
         length = parallel.padded_length(max(indices.size, batch_size or 0), self.mesh)
         inputs = GenerationInputs(
             start=jax.device_put(parallel.pad_to(start, length), parallel.batch_sharding(self.mesh)),
             chain=chain.latents,
             conditioning=self.encode_prompt([negative_prompt, chain.prompt if prompt is None else prompt], chain.size),
-            contexts=self.contexts(chain),
+            contexts=contexts,
             reference=chain.reference if mode == "keep" else None,
             region=jnp.asarray(region),
             settings=config.as_arrays(),

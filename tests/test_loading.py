@@ -37,7 +37,6 @@ def test_flax_and_safetensors_forms_give_the_same_images(tiny_flax, tiny_safeten
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-@pytest.mark.skipif(not PARITY.is_dir(), reason="parity checkpoint not available")
 @pytest.mark.parametrize(
     ("component", "file"),
     [

@@ -240,7 +240,9 @@ class RivalPipeline:
     ) -> jax.Array:
         """Start latents of variations `indices`; variation i depends only on (seed, i)."""
         key = jax.random.PRNGKey(seed)
-        return self._start_latents(key, jnp.asarray(indices), chain.latents[-1], jnp.asarray(region), config)
+        # The program is compiled per (static) config: key it by the two settings it reads, not the numbers.
+        init = RivalConfig(latent_init=config.latent_init, latent_alignment=config.latent_alignment)
+        return self._start_latents(key, jnp.asarray(indices), chain.latents[-1], jnp.asarray(region), init)
 
     def generate(
         self,

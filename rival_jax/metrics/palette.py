@@ -21,6 +21,7 @@ def palette(pixels: np.ndarray, colours: int = COLOURS, seed: int = 0) -> np.nda
     (10, 3)
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     points = np.asarray(pixels, np.float64).reshape(-1, 3) / 255.0
     rng = np.random.default_rng(seed)
@@ -31,7 +32,9 @@ def palette(pixels: np.ndarray, colours: int = COLOURS, seed: int = 0) -> np.nda
     if distinct <= colours:
         unique = np.unique(points, axis=0)
         return unique[np.arange(colours) % distinct]
-    kmeans = KMeans(n_clusters=colours, n_init=RESTARTS, random_state=seed).fit(points)
+    # scikit-learn's OpenMP threads spin against JAX's thread pool; one thread is many times faster here.
+    with threadpool_limits(limits=1):
+        kmeans = KMeans(n_clusters=colours, n_init=RESTARTS, random_state=seed).fit(points)
     return kmeans.cluster_centers_
 
 

@@ -1,4 +1,4 @@
-"""`rival-jax`: parses the command line and hands it to a job (`jobs.generate`, `jobs.augment`) or `make-tiny`.
+"""`rival-jax`: parses the command line and hands it to a job (`jobs.generate`, `augment`, `evaluate`) or `make-tiny`.
 
 Nothing here computes: options are layered (defaults < task defaults < config file < command line)
 and split into job options, run options (`RunOptions`) and per-exemplar settings.
@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     augment.add_argument("--process-id", type=int, help="this process's index (multi-host runs)")
     augment.add_argument("--distributed", action="store_true", help="jax.distributed with auto-detected cluster")
     _add_shared_arguments(augment)
+    evaluate = commands.add_parser("evaluate", help="score a generate/augment output folder: metrics and a report")
+    evaluate.add_argument("folder", help="the -o folder of generate or augment")
+    evaluate.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP folder, hub id or tiny")
+    evaluate.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for KID")
+    evaluate.add_argument(
+        "--kid-features", choices=("inception", "clip"), help="KID features (default: inception with --inception)"
+    )
+    evaluate.add_argument("--cache-dir", help="cache folder for converted weights and the tiny CLIP")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds palettes and KID subsets (default: 0)")
     tiny = commands.add_parser("make-tiny", help="write the built-in tiny random checkpoint to a folder")
     tiny.add_argument("folder")
     tiny.add_argument("--format", choices=("flax", "safetensors"), default="flax")
@@ -142,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if arguments["controlnet"]:
                 write_tiny_controlnet(folder / "controlnet", folder, seed=seed, weight_format=weight_format)
             print(folder)
+            return 0
+        if command == "evaluate":
+            from rival_jax.jobs.evaluate import run_evaluate
+
+            run_evaluate(arguments)
             return 0
         if command == "augment":
             from rival_jax.jobs.augment import run_augment_job

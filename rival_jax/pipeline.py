@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,17 @@ from rival_jax.outputs import InversionChain, RivalOutput
 from rival_jax.prompts import PromptEncoder
 
 OutputType = Literal["pil", "np", "latent"]
+
+
+class RandomWeightsWarning(UserWarning):
+    """A built-in tiny model was loaded: its weights are random and its images are noise."""
+
+
+def random_weights_notice(name: str, family: str) -> str:
+    """The words the CLI and the Python API use for a model with random weights."""
+    return f"built-in {name} model ({family}) with RANDOM weights - its images are noise"
+
+
 # Built-in random checkpoints by name, and their family.
 TINY_MODELS = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
@@ -78,7 +90,8 @@ class RivalPipeline:
         self._start_latents = jax.jit(start_latents, static_argnames="config")
         self._encode = jax.jit(self._encode_fn)
         self._decode = jax.jit(self._decode_fn)
-        self._run = Executables().run
+        self.executables = Executables()
+        self._run = self.executables.run
         self._feature_bytes: dict[tuple, int] = {}
 
     @classmethod
@@ -114,6 +127,9 @@ class RivalPipeline:
         controlnets = [load_controlnet(name, dtype, cache_dir) for name in options.controlnet]
         for loaded in controlnets:
             check_controlnet(loaded, models)
+        if models.random_weights:
+            notice = random_weights_notice(name, models.family)
+            warnings.warn(f"{notice} (load a real checkpoint)", RandomWeightsWarning, stacklevel=2)
         return cls(models, options, controlnets)
 
     @property
@@ -191,7 +207,7 @@ class RivalPipeline:
         pixels, x0, source_size = self.encode_image(image)
         cond = self.encode_prompt([prompt], (pixels.shape[1], pixels.shape[0]))
         args = (self.params["unet"], self.models.schedule, x0, cond, jnp.asarray(timesteps))
-        latents = self._run("inversion", self.inversion_program(show_progress), len(timesteps), show_progress, args)
+        latents = self._run("inversion", self.inversion_program, len(timesteps), show_progress, args)
         return InversionChain(latents, timesteps, prompt, pixels, source_size)
 
     @staticmethod
@@ -212,7 +228,7 @@ class RivalPipeline:
         contexts = self.contexts(chain) if contexts is None else contexts
         steps = reference_batches(chain.num_inference_steps * contexts.size, self.options.reference_batch_size)[0]
         args = (self.params["unet"], self.models.schedule, chain.latents, contexts, jnp.asarray(chain.timesteps))
-        return self._run("reference pass", self.reference_program(show_progress), steps, show_progress, args)
+        return self._run("reference pass", self.reference_program, steps, show_progress, args)
 
     def reference_feature_bytes(self, chain: InversionChain) -> int:
         """Bytes the exemplar's stored features take (reference mode "keep"), from shapes alone."""
@@ -337,8 +353,7 @@ class RivalPipeline:
         per_variation, shared = parallel.split_per_variation(inputs)
         args = (self.params["unet"], per_variation, shared)
         steps = chain.num_inference_steps * self.mesh.size
-        program = self.generation_program(show_progress)
-        final = self._run("generation", program, steps, show_progress, args, donate=("per_variation",))
+        final = self._run("generation", self.generation_program, steps, show_progress, args, donate=("per_variation",))
         final = np.asarray(final[: indices.size])
         if output_type == "latent":
             result: Any = final

@@ -7,7 +7,7 @@ settings (`settings`), already layered by the CLI or a config file.
 from __future__ import annotations
 
 import sys
-from importlib import resources
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,6 @@ JOB_DEFAULTS: dict[str, Any] = {
 }
 
 
-def bundled_exemplar() -> Path:
-    """The photograph shipped with the package, the default exemplar."""
-    return Path(str(resources.files("rival_jax") / "assets" / "exemplar.png"))
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -46,14 +41,13 @@ def prepare_runtime(job: dict[str, Any]) -> None:
 
 def load_pipeline(job: dict[str, Any], options: RunOptions) -> Any:
     """The job's `RivalPipeline`, with a line about the model and devices on stderr."""
-    from rival_jax.pipeline import RivalPipeline
+    from rival_jax.pipeline import RandomWeightsWarning, RivalPipeline, random_weights_notice
 
-    pipe = RivalPipeline.from_pretrained(job["model"], options=options, cache_dir=job["cache_dir"] or True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # said below, in the job's words
+        pipe = RivalPipeline.from_pretrained(job["model"], options=options, cache_dir=job["cache_dir"] or True)
     if pipe.random_weights:
-        log(
-            f"model: built-in {job['model']} model ({pipe.models.family}) with RANDOM weights - its images are "
-            "noise (use --model for a real checkpoint)"
-        )
+        log(f"model: {random_weights_notice(job['model'], pipe.models.family)} (use --model for a real checkpoint)")
     sources = ", ".join(f"{k}: {v}" for k, v in pipe.models.sources.items())
     devices = f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].platform}"
     log(f"model: {pipe.models.path} ({pipe.models.family}; {sources}); devices: {devices}")

@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from rival_jax import images
+from rival_jax import example_image, images
 from rival_jax.jobs.common import (
-    bundled_exemplar,
     check_control,
     load_pipeline,
     log,
@@ -37,7 +36,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
     """
     settings = merge_settings(row)
     check_control(options, settings)
-    exemplar_path = job.get("exemplar") or str(bundled_exemplar())
+    exemplar_path = job.get("exemplar") or str(example_image())
     exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"])
     output = Path(job["output"])
     prepare_runtime(job)
@@ -62,6 +61,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "inversion_s": inversion_seconds,
         "generation_s": generation_seconds,
         "total_s": time.perf_counter() - started,
+        **{f"{label.replace(' ', '_')}_run_s": t["run_s"] for label, t in pipe.executables.timings.items()},
     }
     files = []
     for index, image in zip(result.indices, result.images, strict=True):
@@ -97,9 +97,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "devices": f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].device_kind}",
     }
     images.save_json(sidecar, output / "rival.json")
-    log(
-        f"compile {timings['compile_s']:.1f} s; inversion {inversion_seconds:.1f} s, "
-        f"generation {generation_seconds:.1f} s (both include compiling on first use)"
-    )
+    runs = ", ".join(f"{label} {t['run_s']:.1f} s" for label, t in pipe.executables.timings.items())
+    log(f"compile {timings['compile_s']:.1f} s (tracing, compiling, cache reads); run: {runs}")
     print(output / "grid.png")
     return output

@@ -149,26 +149,29 @@ def write_table(table: list[dict[str, Any]], output: Path) -> None:
 
 
 def plot_thresholds(table: list[dict[str, Any]], output: Path) -> Path:
-    """ablation-thresholds.png: each score (one panel per metric) against t_align and against t_early."""
+    """ablation-thresholds.png: each score that was computed against t_align and t_early (KID with its std)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     full = next(row for row in table if row["setting"] == "full")
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.0), squeeze=False)
-    for axis, metric in zip(axes[0], METRICS, strict=True):
+    shown = [m for m in METRICS if m != "kid_std" and any(row[m] is not None for row in table)] or ["clip_image"]
+    figure, axes = plt.subplots(1, len(shown), figsize=(3.4 * len(shown), 3.0), squeeze=False)
+    for axis, metric in zip(axes[0], shown, strict=True):
         for threshold in THRESHOLDS:
-            points = sorted(
-                (row[threshold], row[metric])
-                for row in [full, *(r for r in table if r["group"] == threshold)]
-                if row[metric] is not None
-            )
+            rows = [full, *(r for r in table if r["group"] == threshold)]
+            points = sorted((r[threshold], r[metric], r["kid_std"] or 0.0) for r in rows if r[metric] is not None)
             if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=threshold)
+                x, y, spread = zip(*points, strict=True)
+                axis.errorbar(x, y, yerr=spread if metric == "kid" else None, marker="o", capsize=3, label=threshold)
         axis.set_title(metric)
         axis.set_xlabel("threshold (timestep)")
-        axis.legend(fontsize="small")
+        axis.ticklabel_format(useOffset=False, axis="y")
+        if axis.lines:
+            axis.legend(fontsize="small")
+        else:
+            axis.text(0.5, 0.5, "no scores", ha="center", va="center", transform=axis.transAxes)
     figure.tight_layout()
     path = images.write_atomic(output / "ablation-thresholds.png", lambda handle: figure.savefig(handle, format="png"))
     plt.close(figure)

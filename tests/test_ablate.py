@@ -46,16 +46,21 @@ def test_ablation_writes_one_table_and_plots_and_resumes(capsys, tmp_path, tiny_
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source / "a.png")
     output = tmp_path / "ablation"
     args = ["ablate", str(source), "-o", str(output), "--model", str(tiny_flax), "--clip", "tiny"]
-    args += ["--steps", "2", "-n", "2", "--t-align-values", "400", "--t-early-values", "800", "--no-progress"]
+    # 3 steps are t = 667, 334, 1: replacement and AdaIN at 667 by default; t_align 200 adds 334, t_early 800 drops 667
+    args += ["--steps", "3", "-n", "2", "--t-align-values", "200", "--t-early-values", "800", "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    names = [*TABLE3, "t_align_400", "t_early_800"]
+    names = [*TABLE3, "t_align_200", "t_early_800"]
     table = json.loads((output / "ablation.json").read_text())["settings"]
     assert [row["setting"] for row in table] == names
     assert all(row["images"] == 2 for row in table)
     assert all(len(list((output / name / "images").glob("*.png"))) == 2 for name in names)
-    assert table[1]["attention_injection"] is False and table[5]["t_align"] == 400 and table[6]["t_early"] == 800
+    assert table[1]["attention_injection"] is False and table[5]["t_align"] == 200 and table[6]["t_early"] == 800
     assert all(isinstance(row["clip_image"], float) for row in table)
+    pixels = {
+        name: [np.asarray(Image.open(p)) for p in sorted((output / name / "images").glob("*.png"))] for name in names
+    }
+    assert all(not np.array_equal(pixels[name][0], pixels["full"][0]) for name in names[1:])  # every setting acts
     with open(output / "ablation.csv", newline="") as handle:
         assert [row["setting"] for row in csv.DictReader(handle)] == names
     assert sum(line.startswith("| ") for line in out.splitlines()) == len(names) + 1 and "| setting |" in out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -70,8 +71,6 @@ def ablation_settings(base: dict[str, Any], values: dict[str, tuple[int, ...]]) 
 
 def _scores(folder: Path, generated: int, evaluate: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """The folder's scores: kept from its metrics.json when nothing new was generated, else evaluated."""
-    import json
-
     kept = folder / "metrics.json"
     if not generated and kept.is_file():
         summary = json.loads(kept.read_text()).get("summary")

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="invert one exemplar and generate aligned images")
     generate.add_argument("exemplar", nargs="?", default=argparse.SUPPRESS, help="exemplar image (default: bundled)")
     generate.add_argument("--mask", default=argparse.SUPPRESS, help="inpainting mask, exemplar's size, white = redo")
+    generate.add_argument(
+        "--traces",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also write traces.json: per step, the exemplar's attention share and the latents' statistic distance",
+    )
     _add_shared_arguments(generate)
     augment = commands.add_parser("augment", help="resumable variation job over a manifest or a folder of images")
     augment.add_argument("source", help="manifest (.csv or .jsonl with an 'image' column) or a folder of images")
@@ -105,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--cache-dir", help="cache folder for converted weights and the tiny CLIP")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds palettes and KID subsets (default: 0)")
+    ablate = commands.add_parser("ablate", help="the paper's ablation and a t_align/t_early sweep, scored")
+    ablate.add_argument("source", help="manifest (.csv or .jsonl with an 'image' column) or a folder of images")
+    ablate.add_argument("--t-align-values", type=int, nargs="+", help="swept t_align values (default: 400 600 800)")
+    ablate.add_argument("--t-early-values", type=int, nargs="+", help="swept t_early values (default: 400 600 800)")
+    ablate.add_argument("--clip", help="CLIP for the scores (default: tiny with --model tiny*, else ViT-L/14)")
+    ablate.add_argument("--inception", help="FID Inception weights file for KID (default: CLIP features)")
+    ablate.add_argument("--batch-size", type=int, default=8, help="variations per compiled batch (default: 8)")
+    _add_shared_arguments(ablate)
     tiny = commands.add_parser("make-tiny", help="write the built-in tiny random checkpoint to a folder")
     tiny.add_argument("folder")
     tiny.add_argument("--format", choices=("flax", "safetensors"), default="flax")
@@ -162,9 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             extra = ("source", "batch_size", "coordinator", "num_processes", "process_id", "distributed")
             return run_augment_job(*split_options(arguments, extra))
+        if command == "ablate":
+            from rival_jax.jobs.ablate import run_ablate_job
+
+            extra = ("source", "batch_size", "t_align_values", "t_early_values", "clip", "inception")
+            return run_ablate_job(*split_options(arguments, extra))
         from rival_jax.jobs.generate import run_generate
 
-        run_generate(*split_options(arguments, ("exemplar",)))
+        run_generate(*split_options(arguments, ("exemplar", "traces")))
         return 0
     except RivalError as error:
         print(f"rival-jax: error: {error}", file=sys.stderr)

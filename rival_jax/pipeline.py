@@ -21,7 +21,7 @@ import numpy as np
 from rival_jax import images
 from rival_jax.config import RivalConfig
 from rival_jax.controls import control_inputs
-from rival_jax.core import parallel
+from rival_jax.core import parallel, traces
 from rival_jax.core.inversion import invert
 from rival_jax.core.reference import (
     ReferenceFeatures,
@@ -146,16 +146,19 @@ class RivalPipeline:
         batch = self.options.reference_batch_size
         return functools.partial(reference_pass, self.models.unet, batch_size=batch, report_progress=report_progress)
 
-    def generation_program(self, report_progress: bool = False) -> Callable[..., jax.Array]:
+    def generation_program(self, report_progress: bool = False, return_traces: bool = False) -> Callable[..., Any]:
         """`aligned_generate` over the local devices: (params, per_variation, shared) -> final latents.
 
-        The two dicts are `parallel.split_per_variation(GenerationInputs(...))`.
+        The two dicts are `parallel.split_per_variation(GenerationInputs(...))`. With `return_traces`
+        the program also returns `traces.StepTraces` (a separate program).
         """
         unet, schedule, implementation = self.models.unet, self.models.schedule, self.options.attention
         controlnets = tuple(loaded.module for loaded in self.controlnets)
 
         def generate(params: Any, inputs: GenerationInputs) -> jax.Array:
-            return aligned_generate(unet, params, schedule, inputs, report_progress, implementation, controlnets)
+            return aligned_generate(
+                unet, params, schedule, inputs, report_progress, implementation, controlnets, return_traces
+            )
 
         sharded = parallel.over_variations(generate, self.mesh, GenerationInputs)
 
@@ -278,6 +281,7 @@ class RivalPipeline:
         controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
+        return_traces: bool = False,
     ) -> RivalOutput:
         """Generate `num_variations` images aligned to the exemplar's chain, spread over the local devices.
 
@@ -303,6 +307,9 @@ class RivalPipeline:
                 `images.CannyEdges(sigma, low, high)` for the processed exemplar's Canny edges.
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end: per
                 ControlNet (one value for all, or a list), as in diffusers' ControlNet pipelines.
+            return_traces: also return per-step traces in `RivalOutput.traces` (`traces.GenerationTraces`:
+                the exemplar's share of attention per layer, the latents' statistic distance to the
+                chain). A separate compiled program; the images are the same as without.
 
         >>> out = pipe.generate(chain, prompt="a watercolor of a lynx", num_variations=4, seed=1)
         """
@@ -353,11 +360,21 @@ class RivalPipeline:
         per_variation, shared = parallel.split_per_variation(inputs)
         args = (self.params["unet"], per_variation, shared)
         steps = chain.num_inference_steps * self.mesh.size
-        final = self._run("generation", self.generation_program, steps, show_progress, args, donate=("per_variation",))
+        label = "generation (traces)" if return_traces else "generation"
+
+        def program(ticks: bool) -> Callable[..., Any]:
+            return self.generation_program(ticks, return_traces)
+
+        final = self._run(label, program, steps, show_progress, args, donate=("per_variation",))
+        traced = None
+        if return_traces:
+            final, steps_traced = final
+            layers = traces.attention_layers(self.models.unet, self.params["unet"], chain.latents.shape[1:], contexts)
+            traced = traces.GenerationTraces.from_steps(steps_traced, indices.size, chain.timesteps, layers)
         final = np.asarray(final[: indices.size])
         if output_type == "latent":
             result: Any = final
         else:
             decoded = self.decode(final)
             result = decoded if output_type == "np" else images.to_pil(decoded)
-        return RivalOutput(result, final, start, indices, seed, mode)
+        return RivalOutput(result, final, start, indices, seed, mode, traced)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from rival_jax import images
 from rival_jax.core.parallel import initialize_distributed, process_share
 from rival_jax.errors import RivalError
+from rival_jax.jobs.authors import image_entries, is_image_config
 from rival_jax.jobs.common import check_control, load_pipeline, log, prepare_runtime, read_exemplar, show_progress
 from rival_jax.jobs.settings import ROW_FIELDS, generation_arguments, merge_settings, parse_text_value
 from rival_jax.options import RunOptions
@@ -105,12 +106,14 @@ def read_rows(source: str | os.PathLike, defaults: dict[str, Any], model: str) -
     """Rows with settings layered over `defaults`, and one message per unusable row.
 
     Relative image paths are relative to the manifest's folder. A row without a `seed` uses
-    `defaults['seed'] + row number`, so rows get different noise.
+    `defaults['seed'] + row number`, so rows get different noise. `source` may also be an image
+    config of the authors' release (`jobs.authors`).
     """
     source = Path(source)
     base = source if source.is_dir() else source.parent
     rows, problems = [], []
-    for number, entry in _manifest_entries(source):
+    entries = image_entries(source, defaults) if is_image_config(source) else _manifest_entries(source)
+    for number, entry in entries:
         try:
             if isinstance(entry, RivalError):
                 raise entry

@@ -28,7 +28,8 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
     """Invert the exemplar, generate, and write the variations, `exemplar.png`, `grid.png` and `rival.json`.
 
     Args:
-        job: `jobs.JOB_DEFAULTS` keys plus "exemplar" (a path; default: the bundled photograph).
+        job: `jobs.JOB_DEFAULTS` keys plus "exemplar" (a path; default: the bundled photograph) and
+            "traces" (also write `traces.json`, see `core.traces`; default off).
         options: the pipeline's run options.
         row: per-exemplar settings (`settings.ROW_FIELDS`).
 
@@ -54,6 +55,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
             num_variations=settings["num_variations"],
             mask=mask,
             show_progress=show,
+            return_traces=bool(job.get("traces", False)),
         )
         generation_seconds = time.perf_counter() - clock
     timings = {
@@ -96,6 +98,9 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "devices": f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].device_kind}",
     }
+    if result.traces is not None:
+        images.save_json(result.traces.as_json(), output / "traces.json")
+        sidecar["traces"] = "traces.json"
     images.save_json(sidecar, output / "rival.json")
     runs = ", ".join(f"{label} {t['run_s']:.1f} s" for label, t in pipe.executables.timings.items())
     log(f"compile {timings['compile_s']:.1f} s (tracing, compiling, cache reads); run: {runs}")

@@ -15,6 +15,7 @@ from typing import Any
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.images import CannyEdges
+from rival_jax.jobs.authors import inference_settings, is_inference_config
 
 TASKS = ("variation", "text", "edit", "inpaint")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RivalConfig))
@@ -101,7 +102,11 @@ def generation_arguments(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_settings_file(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON or YAML mapping of settings; names outside `allowed` are an error."""
+    """A JSON or YAML mapping of settings; names outside `allowed` are an error.
+
+    A file in the authors' inference format (`self_attn`/`inference` sections, see `jobs.authors`)
+    is mapped to the settings it stands for.
+    """
     file = Path(path)
     if not file.is_file():
         raise RivalError(f"config file {file} does not exist: check the path")
@@ -119,6 +124,8 @@ def read_settings_file(path: str | Path, allowed: tuple[str, ...]) -> dict[str, 
         raise RivalError(f"config file {file} is not valid {kind} ({message}): fix its syntax") from None
     if not isinstance(values, dict):
         raise RivalError(f"config file {file} must hold a mapping of setting names to values")
+    if is_inference_config(values):
+        return inference_settings(values, file)
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise RivalError(f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(allowed)}")

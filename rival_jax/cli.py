@@ -13,7 +13,7 @@ from typing import Any
 
 from rival_jax.config import LATENT_INITS
 from rival_jax.errors import RivalError
-from rival_jax.jobs.common import JOB_DEFAULTS
+from rival_jax.jobs.common import JOB_DEFAULTS, one_line
 from rival_jax.jobs.settings import ROW_FIELDS, TASKS, read_settings_file
 from rival_jax.options import FIELDS as RUN_OPTION_FIELDS
 from rival_jax.options import RunOptions, add_run_option_arguments
@@ -59,6 +59,12 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", default=suppress, help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl")
     add_run_option_arguments(parser)
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
+    add(
+        "--overwrite",
+        action="store_true",
+        default=suppress,
+        help="replace the earlier result in the output folder (only the files it recorded are removed)",
+    )
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")
     add("--cache-dir", default=suppress, help="cache folder for converted weights and the tiny model")
     add("--compile-cache", default=suppress, help="folder of the persistent XLA compilation cache")
@@ -186,8 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_generate(*split_options(arguments, ("exemplar", "traces")))
         return 0
     except RivalError as error:
-        print(f"rival-jax: error: {error}", file=sys.stderr)
+        print(f"rival-jax: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # the run itself failed (a full disk, a folder removed): nothing half-written
+        print(f"rival-jax: failed: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

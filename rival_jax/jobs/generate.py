@@ -13,12 +13,14 @@ import numpy as np
 from rival_jax import example_image, images
 from rival_jax.jobs.common import (
     check_control,
+    check_job,
     load_pipeline,
     log,
     prepare_runtime,
     read_exemplar,
     show_progress,
 )
+from rival_jax.jobs.outputs import check_generate_output, output_lock, recorded_files, remove_files
 from rival_jax.jobs.settings import CONTROL_FIELDS, generation_arguments, merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
@@ -26,6 +28,10 @@ from rival_jax.progress import CompileTimer
 
 def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> Path:
     """Invert the exemplar, generate, and write the variations, `exemplar.png`, `grid.png` and `rival.json`.
+
+    Every input and the output folder are checked before a model loads. A folder holding an earlier
+    result is refused unless `job["overwrite"]`; then the files its `rival.json` recorded are removed
+    right before the new ones are written (see `jobs.outputs`).
 
     Args:
         job: `jobs.JOB_DEFAULTS` keys plus "exemplar" (a path; default: the bundled photograph) and
@@ -35,11 +41,18 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
 
     >>> run_generate({**JOB_DEFAULTS, "exemplar": "photo.jpg"}, RunOptions(), {"prompt": "a cat"})
     """
+    check_job(job)
     settings = merge_settings(row)
     check_control(options, settings)
     exemplar_path = job.get("exemplar") or str(example_image())
-    exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"])
-    output = Path(job["output"])
+    exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"], options)
+    output = check_generate_output(job["output"], job["overwrite"])
+    with output_lock(output):
+        return _generate(job, options, settings, exemplar_path, (exemplar, mask, control_maps), output)
+
+
+def _generate(job, options, settings, exemplar_path, inputs, output: Path) -> Path:
+    exemplar, mask, control_maps = inputs
     prepare_runtime(job)
     show = show_progress(job)
     started = time.perf_counter()
@@ -65,6 +78,9 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "total_s": time.perf_counter() - started,
         **{f"{label.replace(' ', '_')}_run_s": t["run_s"] for label, t in pipe.executables.timings.items()},
     }
+    earlier = recorded_files(output)
+    if earlier:
+        log(f"--overwrite: removing the {remove_files(earlier)} files of the earlier result in {output}")
     files = []
     for index, image in zip(result.indices, result.images, strict=True):
         name = f"variation-{int(index):03d}.png"
@@ -95,6 +111,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "seed": settings["seed"],
         "config": settings["config"].as_dict(),
         "images": files,
+        "files": [*(f["file"] for f in files), "exemplar.png", "grid.png", "rival.json"],
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "devices": f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].device_kind}",
     }

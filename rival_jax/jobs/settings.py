@@ -66,6 +66,18 @@ def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
     for name in ("num_variations", "steps", "seed"):
         if not isinstance(settings[name], int) or isinstance(settings[name], bool):
             raise RivalError(f"{name}={settings[name]!r} is not an integer")
+    if not 0 <= settings["seed"] < 2**32:
+        raise RivalError(f"seed={settings['seed']!r} is out of range: use an integer in 0..{2**32 - 1}")
+    for name in ("prompt", "negative_prompt", "inversion_prompt"):
+        if not isinstance(settings[name], str):
+            raise RivalError(f"{name}={settings[name]!r} is not text: quote it")
+    for name in ("mask", "control_image"):
+        paths = settings[name] if isinstance(settings[name], list) and name == "control_image" else [settings[name]]
+        if not all(isinstance(p, str) and p for p in paths if p is not None):
+            raise RivalError(f"{name}={settings[name]!r} is not a file path: give a path (text)")
+    for name in CONFIG_FIELDS:
+        if isinstance(getattr(RivalConfig, name), bool) and not isinstance(settings[name], bool):
+            raise RivalError(f"{name}={settings[name]!r} is not a boolean: use true or false")
     count = settings["num_variations"]
     if count < 1:
         raise RivalError(f"num_variations={count!r} is out of range: use an integer >= 1")
@@ -126,7 +138,7 @@ def read_settings_file(path: str | Path, allowed: tuple[str, ...]) -> dict[str, 
         raise RivalError(f"config file {file} must hold a mapping of setting names to values")
     if is_inference_config(values):
         return inference_settings(values, file)
-    unknown = sorted(set(values) - set(allowed))
+    unknown = sorted(map(str, set(values) - set(allowed)))
     if unknown:
         raise RivalError(f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
     return values

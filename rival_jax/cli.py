@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shared_arguments(augment)
     evaluate = commands.add_parser("evaluate", help="score a generate/augment output folder: metrics and a report")
     evaluate.add_argument("folder", help="the -o folder of generate or augment")
-    evaluate.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP folder, hub id or tiny")
+    evaluate.add_argument(
+        "--clip", default="openai/clip-vit-large-patch14", help="CLIP folder, hub id or tiny (default: %(default)s)"
+    )
     evaluate.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for KID")
     evaluate.add_argument(
         "--kid-features", choices=("inception", "clip"), help="KID features (default: inception with --inception)"

@@ -89,21 +89,11 @@ def test_cudnn_path_equals_blockwise_kernel(flash_as_xla, layout, mode):
     assert flash_as_xla == ["cudnn"]
 
 
-def _bars(text: str) -> dict[str, str]:
-    """The last state tqdm drew for each bar label."""
-    bars = {}
-    for line in re.split(r"[\r\n]+", text):
-        match = re.match(r"^\s*([a-z ]+): (.*)$", line)
-        if match:
-            bars[match[1]] = match[2]
-    return bars
-
-
 @pytest.mark.parametrize("mode", [REPLACE, FUSE])
 def test_recomputed_exemplar_entries_ignore_the_generated_ones(mode):
     """In the authors' layout the exemplar's entries share the batch with the generated ones; each
     self-attention layer gives them what it gives the exemplar alone, whatever the generated entries hold."""
-    module, tokens = SelfAttention(), 40
+    module, tokens = SelfAttention(), QUERY_BLOCK + 44
     exemplars = jax.random.normal(jax.random.PRNGKey(0), (2, tokens, 16))
     variables = module.init(jax.random.PRNGKey(1), exemplars)
     alone = module.apply(variables, exemplars)

@@ -40,11 +40,15 @@ def compilations() -> Iterator[list[str]]:
 
 
 def test_numeric_settings_never_recompile(tiny_pipe, tiny_chain):
+    """Numbers and the switches that act inside the scan are traced: a second call compiles nothing."""
+
     def generate(config: RivalConfig, seed: int) -> np.ndarray:
         return tiny_pipe.generate(tiny_chain, num_variations=2, seed=seed, config=config, output_type="latent").latents
 
     first = generate(RivalConfig(), seed=0)
-    changed = RivalConfig(guidance_scale=3.5, t_align=350, t_early=800, editing_start=950)
+    changed = RivalConfig(
+        guidance_scale=3.5, t_align=350, t_early=800, editing_start=950, early_replacement=False, noise_alignment=False
+    )
     with compilations() as compiled:
         second = generate(changed, seed=1)
     assert compiled == []

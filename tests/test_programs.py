@@ -40,11 +40,15 @@ def compilations() -> Iterator[list[str]]:
 
 
 def test_numeric_settings_never_recompile(tiny_pipe, tiny_chain):
+    """Numbers and the switches that act inside the scan are traced: a second call compiles nothing."""
+
     def generate(config: RivalConfig, seed: int) -> np.ndarray:
         return tiny_pipe.generate(tiny_chain, num_variations=2, seed=seed, config=config, output_type="latent").latents
 
     first = generate(RivalConfig(), seed=0)
-    changed = RivalConfig(guidance_scale=3.5, t_align=350, t_early=800, editing_start=950)
+    changed = RivalConfig(
+        guidance_scale=3.5, t_align=350, t_early=800, editing_start=950, early_replacement=False, noise_alignment=False
+    )
     with compilations() as compiled:
         second = generate(changed, seed=1)
     assert compiled == []
@@ -89,21 +93,11 @@ def test_cudnn_path_equals_blockwise_kernel(flash_as_xla, layout, mode):
     assert flash_as_xla == ["cudnn"]
 
 
-def _bars(text: str) -> dict[str, str]:
-    """The last state tqdm drew for each bar label."""
-    bars = {}
-    for line in re.split(r"[\r\n]+", text):
-        match = re.match(r"^\s*([a-z ]+): (.*)$", line)
-        if match:
-            bars[match[1]] = match[2]
-    return bars
-
-
 @pytest.mark.parametrize("mode", [REPLACE, FUSE])
 def test_recomputed_exemplar_entries_ignore_the_generated_ones(mode):
     """In the authors' layout the exemplar's entries share the batch with the generated ones; each
     self-attention layer gives them what it gives the exemplar alone, whatever the generated entries hold."""
-    module, tokens = SelfAttention(), 40
+    module, tokens = SelfAttention(), QUERY_BLOCK + 44
     exemplars = jax.random.normal(jax.random.PRNGKey(0), (2, tokens, 16))
     variables = module.init(jax.random.PRNGKey(1), exemplars)
     alone = module.apply(variables, exemplars)

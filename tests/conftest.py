@@ -11,10 +11,12 @@ import pytest
 _CACHE = Path(tempfile.mkdtemp(prefix="rival-jax-tests-"))
 os.environ["RIVAL_JAX_CACHE"] = str(_CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest-xdist workers inherit this from the controller: they share compiled programs, not converted weights.
+_XLA_CACHE = os.environ.setdefault("RIVAL_JAX_TEST_XLA_CACHE", str(_CACHE / "xla"))
 
 from rival_jax.runtime import enable_compilation_cache  # noqa: E402
 
-enable_compilation_cache(_CACHE / "xla")
+enable_compilation_cache(Path(_XLA_CACHE))
 
 # The authors' outputs on a tiny checkpoint, kept in the repository (tests/data/parity/README.md).
 PARITY = Path(__file__).resolve().parent / "data" / "parity"

@@ -42,9 +42,12 @@ class GenerationInputs:
     settings: `RivalConfig.as_arrays()`.
     timesteps: (T,) generation order.
     control: the ControlNets' inputs (`control.ControlInputs`), or None without ControlNet.
+
+    Several exemplars (`aligned_generate_many`) stack the `PER_EXEMPLAR` fields on a leading axis.
     """
 
     PER_VARIATION: ClassVar[tuple[str, ...]] = ("start",)
+    PER_EXEMPLAR: ClassVar[tuple[str, ...]] = ("start", "chain", "conditioning", "contexts", "reference", "region")
 
     start: jnp.ndarray
     chain: jnp.ndarray
@@ -208,3 +211,27 @@ def aligned_generate(
     xs = (jnp.arange(steps), inputs.timesteps, reference_latents[:-1], reference_latents[1:], stored)
     final, _ = jax.lax.scan(step, inputs.start, xs)
     return final
+
+
+def aligned_generate_many(
+    unet: Any,
+    params: Any,
+    schedule: DDIMSchedule,
+    inputs: GenerationInputs,
+    attention_implementation: str | None = None,
+) -> jnp.ndarray:
+    """`aligned_generate` of E exemplars in one program: each exemplar's variations against its own side.
+
+    inputs: `PER_EXEMPLAR` fields with a leading exemplar axis (start (E, N, 4, h, w), chain
+        (E, T+1, 4, h, w), conditioning and contexts (E, ...) per leaf, reference leaves (E, ...),
+        region (E, h, w)); settings and timesteps are shared, so the attention and AdaIN stages stay
+        one branch per step for the whole batch. No ControlNet. Returns (E, N, 4, h, w).
+
+    >>> finals = aligned_generate_many(unet, params["unet"], schedule, stacked_inputs)
+    """
+    per_exemplar = {name: getattr(inputs, name) for name in GenerationInputs.PER_EXEMPLAR}
+
+    def one(fields: dict[str, Any]) -> jnp.ndarray:
+        return aligned_generate(unet, params, schedule, inputs.replace(**fields), False, attention_implementation)
+
+    return jax.vmap(one)(per_exemplar)

@@ -1,9 +1,33 @@
 """RIVAL (NeurIPS 2023) in JAX/Flax: real-world image variation by aligning the diffusion inversion chain."""
 
+from importlib import resources
+from pathlib import Path
+
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.options import RunOptions
 from rival_jax.outputs import InversionChain, RivalOutput
-from rival_jax.pipeline import RivalPipeline
+from rival_jax.pipeline import RandomWeightsWarning, RivalPipeline
 
-__all__ = ["InversionChain", "RivalConfig", "RivalError", "RivalOutput", "RivalPipeline", "RunOptions"]
+
+def example_image() -> Path:
+    """The photograph shipped with the package: the CLI's default exemplar, for trying the API.
+
+    Example:
+        >>> import rival_jax
+        >>> pipe = rival_jax.RivalPipeline.from_pretrained("tiny")
+        >>> chain = pipe.invert(rival_jax.example_image(), num_inference_steps=10)
+    """
+    return Path(str(resources.files("rival_jax") / "assets" / "exemplar.png"))
+
+
+__all__ = [
+    "InversionChain",
+    "RandomWeightsWarning",
+    "RivalConfig",
+    "RivalError",
+    "RivalOutput",
+    "RivalPipeline",
+    "RunOptions",
+    "example_image",
+]

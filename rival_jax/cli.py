@@ -1,4 +1,4 @@
-"""`rival-jax`: parses the command line and hands it to a job (`jobs.generate`, `jobs.augment`) or `make-tiny`.
+"""`rival-jax`: parses the command line and hands it to a job (`jobs.generate`, `augment`, `evaluate`) or `make-tiny`.
 
 Nothing here computes: options are layered (defaults < task defaults < config file < command line)
 and split into job options, run options (`RunOptions`) and per-exemplar settings.
@@ -13,7 +13,7 @@ from typing import Any
 
 from rival_jax.config import LATENT_INITS
 from rival_jax.errors import RivalError
-from rival_jax.jobs.common import JOB_DEFAULTS
+from rival_jax.jobs.common import JOB_DEFAULTS, one_line
 from rival_jax.jobs.settings import ROW_FIELDS, TASKS, read_settings_file
 from rival_jax.options import FIELDS as RUN_OPTION_FIELDS
 from rival_jax.options import RunOptions, add_run_option_arguments
@@ -59,6 +59,12 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", default=suppress, help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl")
     add_run_option_arguments(parser)
     add("-o", "--output", default=suppress, help="output folder (default: rival-output)")
+    add(
+        "--overwrite",
+        action="store_true",
+        default=suppress,
+        help="replace the earlier result in the output folder (only the files it recorded are removed)",
+    )
     add("--config", help="JSON or YAML file of settings (same names as these options, with underscores)")
     add("--cache-dir", default=suppress, help="cache folder for converted weights and the tiny model")
     add("--compile-cache", default=suppress, help="folder of the persistent XLA compilation cache")
@@ -87,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="invert one exemplar and generate aligned images")
     generate.add_argument("exemplar", nargs="?", default=argparse.SUPPRESS, help="exemplar image (default: bundled)")
     generate.add_argument("--mask", default=argparse.SUPPRESS, help="inpainting mask, exemplar's size, white = redo")
+    generate.add_argument(
+        "--traces",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also write traces.json: per step, the exemplar's attention share and the latents' statistic distance",
+    )
     _add_shared_arguments(generate)
     augment = commands.add_parser("augment", help="resumable variation job over a manifest or a folder of images")
     augment.add_argument("source", help="manifest (.csv or .jsonl with an 'image' column) or a folder of images")
@@ -96,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     augment.add_argument("--process-id", type=int, help="this process's index (multi-host runs)")
     augment.add_argument("--distributed", action="store_true", help="jax.distributed with auto-detected cluster")
     _add_shared_arguments(augment)
+    evaluate = commands.add_parser("evaluate", help="score a generate/augment output folder: metrics and a report")
+    evaluate.add_argument("folder", help="the -o folder of generate or augment")
+    evaluate.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP folder, hub id or tiny")
+    evaluate.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for KID")
+    evaluate.add_argument(
+        "--kid-features", choices=("inception", "clip"), help="KID features (default: inception with --inception)"
+    )
+    evaluate.add_argument("--cache-dir", help="cache folder for converted weights and the tiny CLIP")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds palettes and KID subsets (default: 0)")
+    ablate = commands.add_parser("ablate", help="the paper's ablation and a t_align/t_early sweep, scored")
+    ablate.add_argument("source", help="manifest (.csv or .jsonl with an 'image' column) or a folder of images")
+    ablate.add_argument("--t-align-values", type=int, nargs="+", help="swept t_align values (default: 400 600 800)")
+    ablate.add_argument("--t-early-values", type=int, nargs="+", help="swept t_early values (default: 400 600 800)")
+    ablate.add_argument("--clip", help="CLIP for the scores (default: tiny with --model tiny*, else ViT-L/14)")
+    ablate.add_argument("--inception", help="FID Inception weights file for KID (default: CLIP features)")
+    ablate.add_argument("--batch-size", type=int, default=8, help="variations per compiled batch (default: 8)")
+    _add_shared_arguments(ablate)
     tiny = commands.add_parser("make-tiny", help="write the built-in tiny random checkpoint to a folder")
     tiny.add_argument("folder")
     tiny.add_argument("--format", choices=("flax", "safetensors"), default="flax")
@@ -143,18 +172,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_tiny_controlnet(folder / "controlnet", folder, seed=seed, weight_format=weight_format)
             print(folder)
             return 0
+        if command == "evaluate":
+            from rival_jax.jobs.evaluate import run_evaluate
+
+            run_evaluate(arguments)
+            return 0
         if command == "augment":
             from rival_jax.jobs.augment import run_augment_job
 
             extra = ("source", "batch_size", "coordinator", "num_processes", "process_id", "distributed")
             return run_augment_job(*split_options(arguments, extra))
+        if command == "ablate":
+            from rival_jax.jobs.ablate import run_ablate_job
+
+            extra = ("source", "batch_size", "t_align_values", "t_early_values", "clip", "inception")
+            return run_ablate_job(*split_options(arguments, extra))
         from rival_jax.jobs.generate import run_generate
 
-        run_generate(*split_options(arguments, ("exemplar",)))
+        run_generate(*split_options(arguments, ("exemplar", "traces")))
         return 0
     except RivalError as error:
-        print(f"rival-jax: error: {error}", file=sys.stderr)
+        print(f"rival-jax: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # the run itself failed (a full disk, a folder removed): nothing half-written
+        print(f"rival-jax: failed: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from rival_jax.errors import RivalError
 
 # The processed exemplar fills at least this share of the model's pixel budget.
 MIN_FILL = 0.7
+# Exemplars below this shorter side, or (when their aspect ratio is kept) longer than MAX_ASPECT:1, are refused:
+# they would be blown up or squeezed into a shape far from any the models were trained on.
+MIN_SIDE = 32
+MAX_ASPECT = 4.0
 
 
 def open_image(path: str | os.PathLike, what: str = "exemplar") -> Image.Image:
@@ -47,6 +51,26 @@ def as_rgb(image: Image.Image, name: str = "exemplar") -> Image.Image:
     return image
 
 
+def check_exemplar_size(
+    image_size: tuple[int, int], size: int | tuple[int, int] | None, square: bool, name: str = "exemplar"
+) -> None:
+    """Refuse an exemplar smaller than `MIN_SIDE` or, when its aspect ratio is kept, beyond `MAX_ASPECT`:1.
+
+    With `square` or an exact (W, H) `size` the exemplar is centre-cropped, so only its size matters.
+    """
+    width, height = image_size
+    problems = []
+    if not isinstance(size, tuple) and not square and max(width, height) > MAX_ASPECT * min(width, height):
+        problems.append(
+            f"its aspect ratio {max(width, height) / min(width, height):.1f}:1 is beyond {MAX_ASPECT:g}:1 "
+            "(crop it, or centre-crop with --square-crop or --resolution WxH)"
+        )
+    if min(width, height) < MIN_SIDE:
+        problems.append(f"its shorter side is under {MIN_SIDE} px (use a larger image)")
+    if problems:
+        raise RivalError(f"{name} is {width}x{height}: {'; '.join(problems)}")
+
+
 def target_size(
     image_size: tuple[int, int], size: int | tuple[int, int] | None, default_side: int, multiple: int, square: bool
 ) -> tuple[int, int]:
@@ -55,7 +79,9 @@ def target_size(
     `size` None or W is a pixel budget (default_side^2 or W^2) and sides are multiples of `multiple`:
     of the sizes that fill at least `MIN_FILL` of the budget without exceeding it, the one nearest
     to the image's aspect ratio (1:1 with `square`), the larger on a tie. (W, H) is taken as is.
+    Exemplars outside `check_exemplar_size`'s limits are refused.
     """
+    check_exemplar_size(image_size, size, square)
     if isinstance(size, tuple):
         width, height = size
         if width % multiple or height % multiple:
@@ -120,16 +146,18 @@ def mask_region(mask: Any, source_size: tuple[int, int], size: tuple[int, int], 
             )
         mask = fit(mask.convert("L"), tuple(size))
     array = np.asarray(mask)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise RivalError("mask has values that are not finite numbers: use 0/1, booleans or uint8 0..255")
+    scale = 255.0 if array.dtype == np.uint8 else 1.0
     if array.ndim == 3:
-        array = array.mean(axis=-1)
+        array = array.astype(np.float64).mean(axis=-1)
     height, width = grid
     if array.shape not in ((size[1], size[0]), (height, width)):
         raise RivalError(
             f"mask has shape {array.shape}: use {size[1]}x{size[0]} (rows x columns, the exemplar after "
             f"resizing), {height}x{width} (the latent grid), or a PIL image at the exemplar's size"
         )
-    scale = 255.0 if array.dtype == np.uint8 else 1.0
-    values = array.astype(np.float32) / scale
+    values = array.astype(np.float64) / scale
     factor = array.shape[0] // height
     pooled = values.reshape(height, factor, width, factor).mean(axis=(1, 3))
     region = pooled >= 0.5

@@ -66,7 +66,9 @@ def _stacked(parts: Sequence[Any]) -> Any:
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *parts)
 
 
-def invert_many(pipe: Any, exemplars: Sequence[Any], prompts: Sequence[str], num_inference_steps: int) -> list:
+def invert_many(
+    pipe: Any, exemplars: Sequence[Any], prompts: Sequence[str], num_inference_steps: int
+) -> list[InversionChain]:
     """DDIM-invert several exemplars as one UNet batch split over the local devices.
 
     Args:
@@ -93,7 +95,7 @@ def invert_many(pipe: Any, exemplars: Sequence[Any], prompts: Sequence[str], num
         functools.partial(invert, pipe.models.unet), parallel.sub_mesh(pipe.mesh, used), sharded
     )
     args = (pipe.params["unet"], pipe.models.schedule, x0, cond, jnp.asarray(timesteps))
-    chains = np.asarray(pipe._run("inversion (exemplars)", program, num_inference_steps, False, args))
+    chains = np.asarray(pipe._run("inversion (exemplars)", lambda _: program, num_inference_steps, False, args))
     return [
         InversionChain(jnp.asarray(chains[k]), timesteps, prompt, pixels, source)
         for k, ((pixels, _, source), prompt) in enumerate(zip(encoded, prompts, strict=True))
@@ -105,8 +107,9 @@ def reference_many(pipe: Any, chains: Sequence[InversionChain]) -> ReferenceFeat
     contexts = Conditioning.concat([pipe.contexts(chain) for chain in chains])
     batch = pipe.options.reference_batch_size
     program = functools.partial(reference_pass_many, pipe.models.unet, batch_size=batch, mesh=pipe.mesh)
-    args = (pipe.params["unet"], pipe.models.schedule, jnp.stack([c.latents for c in chains]), contexts)
-    return pipe._run("reference pass (exemplars)", program, 1, False, (*args, jnp.asarray(chains[0].timesteps)))
+    chain_latents, timesteps = jnp.stack([c.latents for c in chains]), jnp.asarray(chains[0].timesteps)
+    args = (pipe.params["unet"], pipe.models.schedule, chain_latents, contexts, timesteps)
+    return pipe._run("reference pass (exemplars)", lambda _: program, 1, False, args)
 
 
 def _check_compatible(pipe: Any, chains: Sequence[InversionChain]) -> None:
@@ -206,7 +209,7 @@ def generate_many(
 
     program = parallel.over_exemplars(generate, mesh, GenerationInputs)
     args = (pipe.params["unet"], per_exemplar, shared)
-    final = np.asarray(pipe._run("generation (exemplars)", program, 1, False, args))
+    final = np.asarray(pipe._run("generation (exemplars)", lambda _: program, 1, False, args))
     return _outputs(pipe, requests, final, starts, mode, output_type)
 
 

@@ -81,7 +81,7 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         names = self.controlnet
-        object.__setattr__(self, "controlnet", (names,) if isinstance(names, (str, os.PathLike)) else tuple(names))
+        object.__setattr__(self, "controlnet", tuple(names) if isinstance(names, (list, tuple)) else (names,))
         if not all(isinstance(name, (str, os.PathLike)) for name in self.controlnet):
             raise RivalError(f"controlnet {names!r} is not a folder or hub id (or a list of them)")
         for field in dataclasses.fields(self):

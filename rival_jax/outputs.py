@@ -61,6 +61,7 @@ class RivalOutput:
         indices: (N,) variation indices; variation i of a seed always starts from fold_in(PRNGKey(seed), i).
         seed: the seed.
         reference_mode: "keep" or "recompute", how the exemplar's features were provided.
+        traces: with `generate(..., return_traces=True)`, the per-step `core.traces.GenerationTraces`.
     """
 
     images: Any
@@ -69,3 +70,4 @@ class RivalOutput:
     indices: np.ndarray
     seed: int
     reference_mode: str
+    traces: Any = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import numpy as np
 from rival_jax import images
 from rival_jax.config import RivalConfig
 from rival_jax.controls import control_inputs
-from rival_jax.core import parallel
+from rival_jax.core import parallel, traces
 from rival_jax.core.inversion import invert
 from rival_jax.core.reference import (
     ReferenceFeatures,
@@ -39,6 +40,17 @@ from rival_jax.outputs import InversionChain, RivalOutput
 from rival_jax.prompts import PromptEncoder
 
 OutputType = Literal["pil", "np", "latent"]
+
+
+class RandomWeightsWarning(UserWarning):
+    """A built-in tiny model was loaded: its weights are random and its images are noise."""
+
+
+def random_weights_notice(name: str, family: str) -> str:
+    """The words the CLI and the Python API use for a model with random weights."""
+    return f"built-in {name} model ({family}) with RANDOM weights - its images are noise"
+
+
 # Built-in random checkpoints by name, and their family.
 TINY_MODELS = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
@@ -78,7 +90,8 @@ class RivalPipeline:
         self._start_latents = jax.jit(start_latents, static_argnames="config")
         self._encode = jax.jit(self._encode_fn)
         self._decode = jax.jit(self._decode_fn)
-        self._run = Executables().run
+        self.executables = Executables()
+        self._run = self.executables.run
         self._feature_bytes: dict[tuple, int] = {}
 
     @classmethod
@@ -114,6 +127,9 @@ class RivalPipeline:
         controlnets = [load_controlnet(name, dtype, cache_dir) for name in options.controlnet]
         for loaded in controlnets:
             check_controlnet(loaded, models)
+        if models.random_weights:
+            notice = random_weights_notice(name, models.family)
+            warnings.warn(f"{notice} (load a real checkpoint)", RandomWeightsWarning, stacklevel=2)
         return cls(models, options, controlnets)
 
     @property
@@ -132,16 +148,19 @@ class RivalPipeline:
             reference_pass, self.models.unet, batch_size=batch, report_progress=report_progress, mesh=mesh
         )
 
-    def generation_program(self, report_progress: bool = False) -> Callable[..., jax.Array]:
+    def generation_program(self, report_progress: bool = False, return_traces: bool = False) -> Callable[..., Any]:
         """`aligned_generate` over the local devices: (params, per_variation, shared) -> final latents.
 
-        The two dicts are `parallel.split_per_variation(GenerationInputs(...))`.
+        The two dicts are `parallel.split_per_variation(GenerationInputs(...))`. With `return_traces`
+        the program also returns `traces.StepTraces` (a separate program).
         """
         unet, schedule, implementation = self.models.unet, self.models.schedule, self.options.attention
         controlnets = tuple(loaded.module for loaded in self.controlnets)
 
         def generate(params: Any, inputs: GenerationInputs) -> jax.Array:
-            return aligned_generate(unet, params, schedule, inputs, report_progress, implementation, controlnets)
+            return aligned_generate(
+                unet, params, schedule, inputs, report_progress, implementation, controlnets, return_traces
+            )
 
         sharded = parallel.over_variations(generate, self.mesh, GenerationInputs)
 
@@ -193,7 +212,7 @@ class RivalPipeline:
         pixels, x0, source_size = self.encode_image(image)
         cond = self.encode_prompt([prompt], (pixels.shape[1], pixels.shape[0]))
         args = (self.params["unet"], self.models.schedule, x0, cond, jnp.asarray(timesteps))
-        latents = self._run("inversion", self.inversion_program(show_progress), len(timesteps), show_progress, args)
+        latents = self._run("inversion", self.inversion_program, len(timesteps), show_progress, args)
         return InversionChain(latents, timesteps, prompt, pixels, source_size)
 
     @staticmethod
@@ -215,7 +234,7 @@ class RivalPipeline:
         per_device = parallel.spread(chain.num_inference_steps * contexts.size, self.mesh.size)[1]
         steps = reference_batches(per_device, self.options.reference_batch_size)[0] * self.mesh.size
         args = (self.params["unet"], self.models.schedule, chain.latents, contexts, jnp.asarray(chain.timesteps))
-        features = self._run("reference pass", self.reference_program(show_progress), steps, show_progress, args)
+        features = self._run("reference pass", self.reference_program, steps, show_progress, args)
         return jax.device_put(features, parallel.replicated(self.mesh))  # every device reads every step
 
     def reference_feature_bytes(self, chain: InversionChain) -> int:
@@ -244,7 +263,9 @@ class RivalPipeline:
     ) -> jax.Array:
         """Start latents of variations `indices`; variation i depends only on (seed, i)."""
         key = jax.random.PRNGKey(seed)
-        return self._start_latents(key, jnp.asarray(indices), chain.latents[-1], jnp.asarray(region), config)
+        # The program is compiled per (static) config: key it by the two settings it reads, not the numbers.
+        init = RivalConfig(latent_init=config.latent_init, latent_alignment=config.latent_alignment)
+        return self._start_latents(key, jnp.asarray(indices), chain.latents[-1], jnp.asarray(region), init)
 
     def generate(
         self,
@@ -264,6 +285,7 @@ class RivalPipeline:
         controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
+        return_traces: bool = False,
     ) -> RivalOutput:
         """Generate `num_variations` images aligned to the exemplar's chain, spread over the local devices.
 
@@ -289,6 +311,9 @@ class RivalPipeline:
                 `images.CannyEdges(sigma, low, high)` for the processed exemplar's Canny edges.
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end: per
                 ControlNet (one value for all, or a list), as in diffusers' ControlNet pipelines.
+            return_traces: also return per-step traces in `RivalOutput.traces` (`traces.GenerationTraces`:
+                the exemplar's share of attention per layer, the latents' statistic distance to the
+                chain). A separate compiled program; the images are the same as without.
 
         >>> out = pipe.generate(chain, prompt="a watercolor of a lynx", num_variations=4, seed=1)
         """
@@ -339,12 +364,21 @@ class RivalPipeline:
         per_variation, shared = parallel.split_per_variation(inputs)
         args = (self.params["unet"], per_variation, shared)
         steps = chain.num_inference_steps * self.mesh.size
-        program = self.generation_program(show_progress)
-        final = self._run("generation", program, steps, show_progress, args, donate=("per_variation",))
+        label = "generation (traces)" if return_traces else "generation"
+
+        def program(ticks: bool) -> Callable[..., Any]:
+            return self.generation_program(ticks, return_traces)
+
+        final = self._run(label, program, steps, show_progress, args, donate=("per_variation",))
+        traced = None
+        if return_traces:
+            final, steps_traced = final
+            layers = traces.attention_layers(self.models.unet, self.params["unet"], chain.latents.shape[1:], contexts)
+            traced = traces.GenerationTraces.from_steps(steps_traced, indices.size, chain.timesteps, layers)
         final = np.asarray(final[: indices.size])
         if output_type == "latent":
             result: Any = final
         else:
             decoded = self.decode(final)
             result = decoded if output_type == "np" else images.to_pil(decoded)
-        return RivalOutput(result, final, start, indices, seed, mode)
+        return RivalOutput(result, final, start, indices, seed, mode, traced)

@@ -20,3 +20,8 @@ def enable_compilation_cache(folder: str | Path | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def persistent_cache_enabled() -> bool:
+    """True when compiled programs are kept on disk (`enable_compilation_cache` or JAX's own settings)."""
+    return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions
+from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions, example_image
 from rival_jax.cli import FAMILIES
 from rival_jax.core import parallel
 from rival_jax.core.attention import own_reference
@@ -43,7 +43,6 @@ from rival_jax.core.ddim import DDIMSchedule, ddim_step
 from rival_jax.core.reference import reference_batches
 from rival_jax.core.sampler import GenerationInputs
 from rival_jax.core.unet import Conditioning, unet_output
-from rival_jax.jobs.common import bundled_exemplar
 from rival_jax.models.random_models import random_full_models
 from rival_jax.options import FIELDS, add_run_option_arguments, resolve_dtype
 
@@ -194,7 +193,7 @@ def main() -> None:
 
     params, schedule = pipe.params["unet"], models.schedule
     timesteps = schedule.timesteps(args.steps)
-    pixels, x0, source_size = pipe.encode_image(str(bundled_exemplar()))
+    pixels, x0, source_size = pipe.encode_image(str(example_image()))
     size = (pixels.shape[1], pixels.shape[0])
     inversion_args = (params, schedule, x0, pipe.encode_prompt([args.prompt], size), jnp.asarray(timesteps))
     inversion = Program(pipe.inversion_program(), *inversion_args)

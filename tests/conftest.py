@@ -16,8 +16,8 @@ from rival_jax.runtime import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache(_CACHE / "xla")
 
-SHARED = Path(os.environ.get("RIVAL_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-PARITY = SHARED / "reference" / "parity"
+# The authors' outputs on a tiny checkpoint, kept in the repository (tests/data/parity/README.md).
+PARITY = Path(__file__).resolve().parent / "data" / "parity"
 
 
 @pytest.fixture(scope="session")

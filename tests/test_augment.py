@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rival_jax.errors import RivalError
 from rival_jax.jobs.augment import read_rows, run_augment
 
 JOB = ["--steps", "2", "--batch-size", "2", "--no-progress", "--no-compile-cache"]
@@ -188,5 +189,83 @@ def test_a_relative_image_folder_is_read_once_not_joined_twice(tmp_path, monkeyp
     Image.new("RGB", (32, 32)).save(folder / "apple.png")
     monkeypatch.chdir(tmp_path)
     rows, problems = read_rows("src", {}, "tiny")
-    assert problems == [] and [row.image for row in rows] == [Path("src") / "apple.png"]
+    assert problems == [] and [row.image for row in rows] == [folder.resolve() / "apple.png"]
     assert rows[0].image.is_file()
+
+
+@pytest.fixture
+def path_layout(tmp_path, monkeypatch):
+    """data/set/{a.png, manifest.csv}, data/other/b.png, a link to data/set, a link to the manifest; cwd = work/."""
+    data = tmp_path / "data"
+    (data / "set").mkdir(parents=True)
+    (data / "other").mkdir()
+    for path in (data / "set" / "a.png", data / "other" / "b.png"):
+        Image.new("RGB", (48, 40)).save(path)
+    (data / "set" / "manifest.csv").write_text(
+        f"image,mask\na.png,\n./a.png,\n../other/b.png,\n{data / 'other' / 'b.png'},\n"
+    )
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "set-link").symlink_to(data / "set")
+    (tmp_path / "work" / "manifest-link.csv").symlink_to(data / "set" / "manifest.csv")
+    monkeypatch.chdir(tmp_path / "work")
+    return data
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "../data/set/manifest.csv",
+        "./set-link/manifest.csv",
+        "manifest-link.csv",
+        "set-link/../set/manifest.csv",  # ".." after a link: the link target's parent, as open() sees it
+        "ABSOLUTE",
+    ],
+)
+def test_manifest_paths_are_relative_to_the_manifests_folder_whatever_the_manifest_path(path_layout, source):
+    source = path_layout / "set" / "manifest.csv" if source == "ABSOLUTE" else source
+    rows, problems = read_rows(source, {}, "tiny")
+    assert problems == []
+    assert [row.image.resolve() for row in rows] == [
+        (path_layout / p).resolve() for p in ("set/a.png", "set/a.png", "other/b.png", "other/b.png")
+    ]
+    assert all(row.image.is_absolute() and row.image.is_file() for row in rows)
+
+
+@pytest.mark.parametrize("folder", ["../data/set", "./set-link", "set-link/", "ABSOLUTE"])
+def test_image_folders_are_relative_to_the_current_folder(path_layout, folder):
+    folder = path_layout / "set" if folder == "ABSOLUTE" else folder
+    rows, problems = read_rows(folder, {}, "tiny")
+    assert problems == [] and [row.image.resolve() for row in rows] == [(path_layout / "set" / "a.png").resolve()]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("image,prompt\n", "has no rows"), ("", "no 'image' column"), ("image\n\xff\n", "UTF-8")],
+)
+def test_an_empty_or_unreadable_manifest_is_bad_input(tmp_path, content, message):
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(content.encode("latin-1"))
+    with pytest.raises(RivalError, match=message):
+        read_rows(manifest, {}, "tiny")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RivalError, match="has no rows"):
+        read_rows(tmp_path / "empty", {}, "tiny")
+
+
+def test_manifest_rows_override_the_command_line(tmp_path):
+    from rival_jax.cli import build_parser, split_options
+
+    Image.new("RGB", (48, 40)).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"image": "a.png", "t_align": 300, "task": "edit"}) + "\n" + json.dumps({"image": "a.png"}) + "\n"
+    )
+    arguments = vars(build_parser().parse_args(["augment", str(tmp_path / "m.jsonl"), "--t-align", "500", "-n", "3"]))
+    arguments.pop("command")
+    _, _, cli_row = split_options(arguments, ("source", "batch_size"))
+    rows, problems = read_rows(tmp_path / "m.jsonl", cli_row, "tiny")
+    assert problems == []
+    edited, plain = (row.settings for row in rows)
+    assert (edited["t_align"], plain["t_align"]) == (300, 500)
+    assert edited["num_variations"] == plain["num_variations"] == 3
+    assert (edited["latent_init"], edited["editing_start"]) == ("exemplar", 900)
+    assert (plain["latent_init"], plain["editing_start"]) == ("shuffle", 1000)

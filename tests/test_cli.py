@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,17 +121,52 @@ def _image(tmp_path, name, mode, size=(40, 30)):
         (lambda t, m, e: [e, "--resolution", "100x64"], "multiples of 32"),
         (lambda t, m, e: [e, "--reference-batch-size", "0"], "reference_batch_size=0"),
         (lambda t, m, e: [e, "--config", (t / "c.json").write_text('{"dtype": "f8"}') and t / "c.json"], "dtype 'f8'"),
+        (lambda t, m, e: [e, "--config", _write(t / "c.json", '{"seed": "ten"}')], "seed='ten' is not an integer"),
+        (lambda t, m, e: [e, "--config", _write(t / "c.yaml", "prompt: 5\n")], "prompt=5 is not text"),
+        (
+            lambda t, m, e: [e, "--config", _write(t / "c.yaml", "cache_dir: [1]\n")],
+            "cache_dir=[1] is not a folder path",
+        ),
+        (lambda t, m, e: [e, "--config", _write(t / "c.yaml", "noise_alignment: no-way\n")], "not a boolean"),
+        (lambda t, m, e: [e, "--config", _write(t / "c.yaml", "1: 2\n")], "unknown setting(s) 1"),
+        (lambda t, m, e: [e, "--seed", "-1"], "seed=-1 is out of range"),
+        (lambda t, m, e: [_image(t, "dot.png", "RGB", (1, 1))], "is 1x1: its shorter side is under 32 px"),
+        (lambda t, m, e: [_image(t, "strip.png", "RGB", (2000, 10))], "is 2000x10: its aspect ratio 200.0:1"),
+        (lambda t, m, e: [_image(t, "wide.png", "RGB", (500, 100))], "beyond 4:1 (crop it, or centre-crop"),
+        (lambda t, m, e: [_image(t, "small.png", "RGB", (40, 20)), "--square-crop"], "shorter side is under 32"),
+        (lambda t, m, e: [e, "-o", _write(t / "taken", "a file")], "is a file, not a folder"),
+        (lambda t, m, e: [e, "-o", _write(t / "file", "a file") / "sub"], "is a file; pass another -o"),
     ],
 )
 def test_bad_input_gets_a_one_line_error(capsys, tmp_path, tiny_flax, exemplar_file, make_args, message):
     args = make_args(tmp_path, tiny_flax, exemplar_file)
     if "--model" not in args:
         args += ["--model", tiny_flax]
-    code, _, stderr = _run(capsys, "generate", *FAST, *args, "-o", tmp_path / "out")
+    code, _, stderr = _run(capsys, "generate", *FAST, "-o", tmp_path / "out", *args)
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rival-jax: error:") and message in lines[0], stderr
     assert not (tmp_path / "out").exists()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_an_output_folder_without_write_permission_is_refused_before_loading(capsys, tmp_path, monkeypatch):
+    from rival_jax.jobs import outputs
+
+    denied = tmp_path / "read-only"
+    denied.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
+    for target, action in ((denied, "written"), (denied / "new" / "deeper", "created")):
+        code, _, stderr = _run(capsys, "generate", "--model", tmp_path / "no-model", "-o", target, *FAST)
+        assert code == 2 and stderr.strip() == (
+            f"rival-jax: error: output {target} cannot be {action}: no write permission on {denied}; pass another -o"
+        )
+    assert list(denied.iterdir()) == []
 
 
 def test_empty_checkpoint_error(capsys, tmp_path, tiny_safetensors, exemplar_file):
@@ -145,7 +181,7 @@ def test_empty_checkpoint_error(capsys, tmp_path, tiny_safetensors, exemplar_fil
 
 def test_console_script_on_the_builtin_defaults(tmp_path, cache_dir):
     env = {**os.environ, "RIVAL_JAX_CACHE": str(cache_dir)}
-    command = [sys.executable, "-m", "rival_jax.cli", "generate", "--steps", "2", "-n", "1", "-o", str(tmp_path)]
+    command = [sys.executable, "-m", "rival_jax", "generate", "--steps", "2", "-n", "1", "-o", str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stderr and "Flax classes are deprecated" not in result.stderr
@@ -225,3 +261,72 @@ def test_controlnet_from_the_command_line(capsys, tmp_path, tiny_flax, tiny_cont
         code, _, stderr = _run(capsys, *args, "-o", tmp_path / "bad", *FAST)
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "bad").exists()
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_generate_replaces_an_earlier_result_only_with_overwrite(capsys, tmp_path, tiny_flax, exemplar_file):
+    out = tmp_path / "out"
+    args = ("generate", exemplar_file, "--model", tiny_flax, "-o", out, *FAST)
+    assert _run(capsys, *args)[0] == 0
+    first = _names(out)
+    (out / "notes.txt").write_text("mine")
+    (out / ".rival-jax-0000.lock").write_text("999999999")  # left by a killed run: taken over
+    code, _, stderr = _run(capsys, *args, "-n", "1", "--seed", "3")
+    assert code == 2 and stderr.strip() == (
+        f"rival-jax: error: output {out} already holds a result (exemplar.png, grid.png, rival.json, ...): "
+        "pass --overwrite to replace it, or another -o"
+    )
+    assert _names(out) == sorted([*first, "notes.txt", ".rival-jax-0000.lock"])
+    code, _, stderr = _run(capsys, *args, "-n", "1", "--seed", "3", "--overwrite")
+    assert code == 0, stderr
+    assert _names(out) == ["exemplar.png", "grid.png", "notes.txt", "rival.json", "variation-000.png"]
+    sidecar = json.loads((out / "rival.json").read_text())
+    assert sidecar["seed"] == 3 and sidecar["files"] == ["variation-000.png", "exemplar.png", "grid.png", "rival.json"]
+
+
+def test_a_second_run_on_a_locked_folder_refuses_in_one_line(capsys, tmp_path, tiny_flax, exemplar_file):
+    from rival_jax.jobs.outputs import output_lock
+
+    out = tmp_path / "busy"
+    with output_lock(out):
+        for command in (("generate", exemplar_file), ("augment", exemplar_file.parent)):
+            code, _, stderr = _run(capsys, *command, "--model", tiny_flax, "-o", out, *FAST)
+            assert code == 2 and stderr.strip() == (
+                f"rival-jax: error: output {out} is in use by another rival-jax run (pid {os.getpid()}): "
+                "wait for it to finish or pass another -o"
+            )
+        assert _names(out) == [".rival-jax-0000.lock"]
+    assert not out.exists()  # the lock made the folder and took it away again
+
+
+def _layered(*argv, config=None, tmp_path=None):
+    from rival_jax.cli import build_parser, split_options
+    from rival_jax.jobs.settings import merge_settings
+
+    if config is not None:
+        (tmp_path / "settings.yaml").write_text(config)
+        argv = (*argv, "--config", str(tmp_path / "settings.yaml"))
+    arguments = vars(build_parser().parse_args(["generate", *argv]))
+    arguments.pop("command")
+    job, options, row = split_options(arguments, ("exemplar",))
+    return job, options, merge_settings(row)
+
+
+def test_precedence_is_defaults_task_defaults_config_file_command_line(tmp_path):
+    _, _, settings = _layered()
+    assert (settings["latent_init"], settings["editing_start"], settings["t_align"]) == ("shuffle", 1000, 600)
+    _, _, settings = _layered("--task", "edit", "--prompt", "a dog")
+    assert (settings["latent_init"], settings["editing_start"], settings["inversion_prompt"]) == ("exemplar", 900, "")
+    config = "task: edit\nediting_start: 850\nt_align: 400\nresolution: 256\nmodel: from-file\n"
+    job, options, settings = _layered(config=config, tmp_path=tmp_path)
+    assert (settings["task"], settings["latent_init"], settings["editing_start"]) == ("edit", "exemplar", 850)
+    assert (settings["t_align"], options.resolution, job["model"]) == (400, 256, "from-file")
+    argv = ("--editing-start", "800", "--latent-init", "shuffle", "--resolution", "128", "--model", "cli")
+    job, options, settings = _layered(*argv, config=config, tmp_path=tmp_path)
+    assert (settings["editing_start"], settings["latent_init"], settings["t_align"]) == (800, "shuffle", 400)
+    assert (options.resolution, job["model"]) == ("128", "cli")
+    _, _, settings = _layered("--task", "variation", config=config, tmp_path=tmp_path)
+    assert (settings["task"], settings["latent_init"], settings["editing_start"]) == ("variation", "shuffle", 850)

@@ -31,7 +31,7 @@ from .conftest import PARITY
 from .test_families_loading import fake_hub  # noqa: F401 (a fixture)
 
 FLAX, SAFETENSORS = DIFFUSERS_WEIGHTS
-SHARED_CONTROLNET = PARITY / "controlnet-tiny"
+PARITY_CONTROLNET = PARITY / "controlnet-tiny"
 
 
 @pytest.fixture(scope="module")
@@ -98,20 +98,18 @@ def test_tiny_names_round_trip_through_diffusers_and_match_the_shared_ones(contr
     module = SimpleNamespace(init_weights=lambda _: shapes)
     converted = convert_pytorch_state_dict_to_flax({key: Tensor(value) for key, value in state.items()}, module)
     assert _equal(converted, load_controlnet(controlnets["flax"], cache_dir=None).params)
-    if SHARED_CONTROLNET.is_dir():
-        shared = load_file(str(SHARED_CONTROLNET / SAFETENSORS))
-        assert {key: value.ndim for key, value in shared.items()} == {key: value.ndim for key, value in state.items()}
+    shared = load_file(str(PARITY_CONTROLNET / SAFETENSORS))
+    assert {key: value.ndim for key, value in shared.items()} == {key: value.ndim for key, value in state.items()}
 
 
-@pytest.mark.skipif(not SHARED_CONTROLNET.is_dir(), reason=f"shared ControlNet not found at {SHARED_CONTROLNET}")
-def test_shared_controlnet_tiny_converts_every_weight(sd1_models):
+def test_parity_controlnet_tiny_converts_every_weight(sd1_models):
     from diffusers import FlaxControlNetModel
 
-    controlnet = load_controlnet(SHARED_CONTROLNET, cache_dir=None)
+    controlnet = load_controlnet(PARITY_CONTROLNET, cache_dir=None)
     assert controlnet.source == "safetensors"
-    config = read_json(SHARED_CONTROLNET / "config.json")
+    config = read_json(PARITY_CONTROLNET / "config.json")
     _, shapes, rename = build_diffusers_module(FlaxControlNetModel, config, jnp.float32)
-    state = load_file(str(SHARED_CONTROLNET / SAFETENSORS))
+    state = load_file(str(PARITY_CONTROLNET / SAFETENSORS))
     # Each PyTorch tensor lands on a Flax weight of its own, and each Flax weight is filled, in its shape.
     assert len(flatten_dict(convert_pytorch_state_dict(state, shapes, rename))) == len(state)
     shapes = {"/".join(key): value.shape for key, value in flatten_dict(shapes).items()}

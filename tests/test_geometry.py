@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from rival_jax.core.reference import KEEP_MEMORY_FRACTION, choose_reference_mode
-from rival_jax.images import mask_region, target_size
+from rival_jax.errors import RivalError
+from rival_jax.images import MAX_ASPECT, MIN_SIDE, check_exemplar_size, mask_region, target_size
 
 FAMILIES = {"sd1": (512, 64), "sd2-768": (768, 64), "sdxl": (1024, 32)}
 
@@ -58,3 +59,35 @@ def test_auto_keeps_features_that_fit_and_recomputes_the_rest():
 def test_the_feature_estimate_is_the_size_of_the_features(tiny_pipe, exemplar, prompt):
     chain = tiny_pipe.invert(exemplar, prompt=prompt, num_inference_steps=3)
     assert tiny_pipe.reference_feature_bytes(chain) == tiny_pipe.reference_pass(chain).nbytes
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ((1, 1), "is 1x1: its shorter side is under 32 px"),
+        ((2000, 10), "2000x10: its aspect ratio 200.0:1 is beyond 4:1"),
+    ],
+)
+def test_tiny_and_extreme_exemplars_are_refused_before_anything_runs(size, message):
+    with pytest.raises(RivalError, match=message):
+        target_size(size, None, 512, 64, square=False)
+
+
+def test_size_limits_hold_at_their_edges_and_centre_crops_lift_the_aspect_limit():
+    for size in ((MIN_SIDE, MIN_SIDE), (int(MAX_ASPECT * 100), 100), (100, int(MAX_ASPECT * 100))):
+        width, height = target_size(size, None, 512, 64, square=False)
+        assert abs(np.log(width / height * size[1] / size[0])) < 0.11
+    for bad in ((MIN_SIDE - 1, 64), (int(MAX_ASPECT * 100) + 1, 100)):
+        with pytest.raises(RivalError):
+            check_exemplar_size(bad, None, square=False)
+    check_exemplar_size((2000, 100), None, square=True)
+    check_exemplar_size((2000, 100), (256, 256), square=False)
+    with pytest.raises(RivalError, match="shorter side"):
+        check_exemplar_size((2000, 10), None, square=True)
+
+
+def test_an_rgb_uint8_mask_is_read_on_the_0_to_255_scale():
+    mask = np.full((48, 64, 3), 100, np.uint8)
+    mask[:, :32] = 255
+    region = mask_region(mask, (640, 480), (64, 48), (6, 8))
+    assert region[:, :4].all() and not region[:, 4:].any()

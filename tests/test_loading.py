@@ -37,7 +37,6 @@ def test_flax_and_safetensors_forms_give_the_same_images(tiny_flax, tiny_safeten
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-@pytest.mark.skipif(not PARITY.is_dir(), reason="parity checkpoint not available")
 @pytest.mark.parametrize(
     ("component", "file"),
     [
@@ -163,3 +162,81 @@ def test_written_files_get_the_umask_mode(tmp_path):
     finally:
         os.umask(previous)
     assert [p.stat().st_mode & 0o777 for p in (png, record, private)] == [0o644, 0o644, 0o600]
+
+
+def _initial_shapes(folder, name: str) -> dict:
+    """{param path: shape} of the module that `name`/config.json describes, from its own init (never run)."""
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+    from flax.traverse_util import flatten_dict
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+
+    config = json.loads((folder / name / "config.json").read_text())
+    key = jax.random.PRNGKey(0)
+    if name == "text_encoder":
+        module = FlaxCLIPTextModel(CLIPTextConfig.from_dict(config), _do_init=False)
+        tree = jax.eval_shape(lambda: module.init_weights(key, (1, config["max_position_embeddings"])))
+    else:
+        module = (FlaxUNet2DConditionModel if name == "unet" else FlaxAutoencoderKL).from_config(config)
+        tree = jax.eval_shape(module.init_weights, key)
+    return {path: leaf.shape for path, leaf in flatten_dict(dict(tree)).items()}
+
+
+@pytest.mark.parametrize("weight_format", ["flax", "safetensors"])
+def test_loaded_params_have_the_tree_and_shapes_of_the_modules_init(tiny_pipe, tiny_safetensors, weight_format):
+    from flax.traverse_util import flatten_dict
+
+    models = tiny_pipe.models if weight_format == "flax" else load_models(tiny_safetensors, cache_dir=None)
+    assert set(models.params) == {"unet", "vae", "text_encoder"}
+    for name, params in models.params.items():
+        loaded = flatten_dict(params)
+        assert {path: leaf.shape for path, leaf in loaded.items()} == _initial_shapes(models.path, name), name
+        assert {leaf.dtype for leaf in loaded.values()} == {np.dtype("float32")}
+
+
+def _vae_copy(tiny_safetensors, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_safetensors / "vae", folder / "vae")
+    return folder
+
+
+def _vae_source(folder, cache) -> str:
+    from rival_jax.models.checkpoints import load_component
+
+    return load_component(folder, "vae", np.float32, cache)[2]
+
+
+def test_orbax_cache_entry_follows_the_config_file(tiny_safetensors, tmp_path):
+    folder, cache = _vae_copy(tiny_safetensors, tmp_path), tmp_path / "cache"
+    assert [_vae_source(folder, cache) for _ in range(2)] == ["safetensors (converted, cached)", "orbax cache"]
+    config_file = folder / "vae" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "scaling_factor": 0.13025}))
+    assert [_vae_source(folder, cache) for _ in range(2)] == ["safetensors (converted, cached)", "orbax cache"]
+    assert len(list((cache / "params").iterdir())) == 2
+
+
+def test_a_converter_version_bump_invalidates_the_orbax_cache(tiny_safetensors, tmp_path, monkeypatch):
+    from rival_jax.models import checkpoints
+
+    folder, cache = _vae_copy(tiny_safetensors, tmp_path), tmp_path / "cache"
+    assert _vae_source(folder, cache) == "safetensors (converted, cached)"
+    monkeypatch.setattr(checkpoints, "CONVERTER_VERSION", str(int(checkpoints.CONVERTER_VERSION) + 1))
+    assert [_vae_source(folder, cache) for _ in range(2)] == ["safetensors (converted, cached)", "orbax cache"]
+    monkeypatch.undo()
+    assert _vae_source(folder, cache) == "orbax cache"
+
+
+def test_orbax_cache_restores_bfloat16_and_then_exact_float32(tiny_safetensors, tmp_path):
+    import jax.numpy as jnp
+
+    folder, cache = tmp_path / "model", tmp_path / "cache"
+    shutil.copytree(tiny_safetensors, folder)
+    loads = [load_models(folder, dtype, cache) for dtype in (jnp.bfloat16, jnp.bfloat16, jnp.float32)]
+    assert [set(models.sources.values()) for models in loads] == [
+        {"safetensors (converted, cached)"},
+        {"orbax cache"},
+        {"orbax cache"},
+    ]
+    dtypes = [{leaf.dtype for leaf in jax.tree_util.tree_leaves(models.params)} for models in loads]
+    assert dtypes == [{np.dtype("bfloat16")}, {np.dtype("bfloat16")}, {np.dtype("float32")}]
+    assert _leaves_equal(loads[0].params, loads[1].params)
+    assert _leaves_equal(loads[2].params, load_models(folder, cache_dir=None).params)

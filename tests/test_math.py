@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from diffusers import FlaxDDIMScheduler
 from diffusers.models.attention_flax import FlaxAttention
 from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionOutput
 from flax.traverse_util import flatten_dict
@@ -256,3 +257,37 @@ def test_ddim_step_round_trip():
     eps = jax.random.normal(jax.random.PRNGKey(1), (4, 4))
     there = ddim_step(x, eps, jnp.float32(0.9), jnp.float32(0.3))
     chex.assert_trees_all_close(ddim_step(there, eps, jnp.float32(0.3), jnp.float32(0.9)), x, atol=1e-5)
+
+
+# The scheduler configs the real checkpoints ship: SD 1.5 (PNDM, epsilon) and SD 2.1 (DDIM, v-prediction).
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SD21_SCHEDULER = {**SD15_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+
+
+@pytest.mark.parametrize("config", [SD15_SCHEDULER, SD21_SCHEDULER], ids=["sd15-epsilon", "sd21-v-prediction"])
+def test_ddim_step_matches_diffusers_flax_ddim_scheduler(config):
+    """Every generation step, the last one (to 'before t = 0') included, is diffusers' DDIM step with eta = 0."""
+    steps = 7
+    schedule = DDIMSchedule.from_scheduler_config(config)
+    peer = FlaxDDIMScheduler.from_config({k: v for k, v in config.items() if k != "_class_name"})
+    state = peer.set_timesteps(peer.create_state(), steps)
+    np.testing.assert_array_equal(schedule.timesteps(steps), state.timesteps)
+    x = 1.5 * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8, 8))
+    output = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    for t in schedule.timesteps(steps):
+        alpha = schedule.alpha(t)
+        eps = schedule.epsilon(output, x, alpha)
+        ours = ddim_step(x, eps, alpha, schedule.alpha(t - schedule.stride(steps)))
+        theirs = peer.step(state, output, int(t), x).prev_sample
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5, err_msg=f"t={t}")

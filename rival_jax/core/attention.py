@@ -118,19 +118,43 @@ def _flash(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, sc
     return jax.nn.dot_product_attention(q, keys, values, scale=scale, implementation="cudnn")
 
 
+def exemplar_share(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues, scale: float) -> jnp.ndarray:
+    """Per entry (G*n,), the softmax mass fusion gives the exemplar's tokens, averaged over heads and queries.
+
+    For each query it is sigmoid(lse_exemplar - lse_own), the share of the exemplar's keys in the
+    softmax over both; computed over blocks of queries like `_blockwise`.
+    """
+    batch, length, heads, dim = q.shape
+    block = _query_block(length)
+    groups = reference_kv[0].shape[0]
+
+    def log_sum_exp(qb: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
+        logits = jnp.einsum("bqhd,bkhd->bqhk", qb, k, preferred_element_type=jnp.float32) * scale
+        return jax.nn.logsumexp(logits, axis=-1)
+
+    def share(qb: jnp.ndarray) -> jnp.ndarray:
+        exemplar = log_sum_exp(_grouped(qb, groups), reference_kv[0]).reshape(qb.shape[:3])
+        return jax.nn.sigmoid(exemplar - log_sum_exp(qb, own_kv[0])).mean(axis=(1, 2))
+
+    blocks = q.reshape(batch, length // block, block, heads, dim).swapaxes(0, 1)
+    return jax.lax.map(share, blocks).mean(axis=0)
+
+
 def cross_image_attention(
     attention: Any,
     hidden: jnp.ndarray,
     reference: jnp.ndarray,
     mode: str,
     implementation: str | None = None,
+    shares: dict[tuple[str, ...], jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
     """A diffusers `FlaxAttention` layer's output for generated entries attending across images.
 
     hidden (G*n, L, D): the generated entries' input, G contiguous groups of n entries; reference
     (G, L, D): the exemplar's input to the same layer, one per group (group g pairs with reference g).
     Replacement: keys/values from the exemplar only; fusion: from the exemplar's and the entry's own
-    tokens together.
+    tokens together. `shares`: in fusion, receives `exemplar_share` under the layer's path (traces
+    only; the output is the same with or without it).
     """
 
     def heads(x: jnp.ndarray) -> jnp.ndarray:
@@ -141,13 +165,19 @@ def cross_image_attention(
     reference_kv = (heads(attention.key(stored)), heads(attention.value(stored)))
     own_kv = (heads(attention.key(own)), heads(attention.value(own))) if mode == FUSE else None
     method = _cudnn if implementation == "cudnn" else _blockwise
-    mixed = method(heads(attention.query(own)), reference_kv, own_kv, attention.scale).astype(attention.dtype)
+    queries = heads(attention.query(own))
+    mixed = method(queries, reference_kv, own_kv, attention.scale).astype(attention.dtype)
+    if shares is not None and own_kv is not None:
+        shares[tuple(attention.path)] = exemplar_share(queries, reference_kv, own_kv, attention.scale)
     out = attention.proj_attn(mixed.reshape(own.shape[0], own.shape[1], attention.heads * attention.dim_head))
     return attention.dropout_layer(out, deterministic=True)
 
 
 def _replace_self_attention(
-    reference_of: Callable[[Any, jnp.ndarray], jnp.ndarray], mode: str, implementation: str | None
+    reference_of: Callable[[Any, jnp.ndarray], jnp.ndarray],
+    mode: str,
+    implementation: str | None,
+    shares: dict | None = None,
 ) -> contextlib.AbstractContextManager:
     """Intercept every attn1 and run `cross_image_attention` against `reference_of(layer, its input)`."""
 
@@ -155,26 +185,37 @@ def _replace_self_attention(
         if not _is_self_attention(context):
             return next_fun(*args, **kwargs)
         reference = reference_of(context.module, args[0])
-        return cross_image_attention(context.module, args[0], reference, mode, implementation)
+        return cross_image_attention(context.module, args[0], reference, mode, implementation, shares)
 
     return nn.intercept_methods(interceptor)
 
 
 def inject_reference(
-    reference: dict[tuple[str, ...], jnp.ndarray], mode: str, implementation: str | None = None
+    reference: dict[tuple[str, ...], jnp.ndarray],
+    mode: str,
+    implementation: str | None = None,
+    shares: dict | None = None,
 ) -> contextlib.AbstractContextManager:
-    """Within this context every attn1 runs `cross_image_attention` against `reference[its path]`."""
-    return _replace_self_attention(lambda layer, _: reference[tuple(layer.path)], mode, implementation)
+    """Within this context every attn1 runs `cross_image_attention` against `reference[its path]`.
+
+    `shares`: a dict that receives each layer's `exemplar_share` in fusion (see `core.traces`).
+    """
+    return _replace_self_attention(lambda layer, _: reference[tuple(layer.path)], mode, implementation, shares)
 
 
 def inject_from_batch(
-    leading: int, group_reference: jnp.ndarray, mode: str, implementation: str | None = None
+    leading: int,
+    group_reference: jnp.ndarray,
+    mode: str,
+    implementation: str | None = None,
+    shares: dict | None = None,
 ) -> contextlib.AbstractContextManager:
     """Within this context every attn1 treats the first `leading` batch entries as the exemplar's.
 
     Those entries attend to themselves as usual; every other entry runs `cross_image_attention`
     against exemplar entry `group_reference[g]` for its group g (the authors' layout: the exemplar
-    is recomputed in the same UNet batch instead of read from stored features).
+    is recomputed in the same UNet batch instead of read from stored features). `shares` as in
+    `inject_reference`, for the generated entries.
     """
 
     def interceptor(next_fun, args, kwargs, context):
@@ -183,7 +224,8 @@ def inject_from_batch(
         hidden = args[0]
         exemplar, own = hidden[:leading], hidden[leading:]
         exemplar_out = next_fun(exemplar, *args[1:], **kwargs)
-        own_out = cross_image_attention(context.module, own, exemplar[group_reference], mode, implementation)
+        reference = exemplar[group_reference]
+        own_out = cross_image_attention(context.module, own, reference, mode, implementation, shares)
         return jnp.concatenate([exemplar_out, own_out.astype(exemplar_out.dtype)], axis=0)
 
     return nn.intercept_methods(interceptor)

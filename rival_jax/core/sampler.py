@@ -17,6 +17,7 @@ from flax import struct
 
 from rival_jax import progress
 from rival_jax.config import RivalConfig
+from rival_jax.core import traces
 from rival_jax.core.attention import FUSE, REPLACE
 from rival_jax.core.control import ControlInputs, control_residuals
 from rival_jax.core.ddim import DDIMSchedule, ddim_step
@@ -132,7 +133,8 @@ def aligned_generate(
     report_progress: bool = False,
     attention_implementation: str | None = None,
     controlnets: tuple[Any, ...] = (),
-) -> jnp.ndarray:
+    return_traces: bool = False,
+) -> jnp.ndarray | tuple[jnp.ndarray, traces.StepTraces]:
     """Denoise the variations `inputs.start` (N, 4, h, w) along the exemplar's chain; returns final latents.
 
     report_progress (static): tick `progress` every step (host callbacks keep the program out of
@@ -141,6 +143,7 @@ def aligned_generate(
         `attention`) or "cudnn" (`jax.nn.dot_product_attention`'s flash attention, NVIDIA GPUs, bf16/fp16).
     controlnets (static): the Flax ControlNets whose params and images are `inputs.control`; their
         residuals go to the variations only.
+    return_traces (static): also return `traces.StepTraces` (a separate program; see `core.traces`).
 
     >>> final = aligned_generate(unet, params["unet"], schedule, inputs)
     """
@@ -153,6 +156,21 @@ def aligned_generate(
     # The batch is [uncond x N, cond x N]; the two groups pair with the contexts [empty prompt, inversion prompt].
     group_context = jnp.array([0, contexts.size - 1])
     implementation = attention_implementation
+    layers = traces.attention_layers(unet, params, inputs.start.shape[1:], batch_cond) if return_traces else ()
+
+    def switch(t, branches, traced_fusion, entries):
+        """The attention stage's output and, with traces, its exemplar shares (L, entries)."""
+        if not return_traces:
+            return jax.lax.switch(attention_stage(t, settings), branches), None
+        plain, replacement, _ = branches
+        return jax.lax.switch(
+            attention_stage(t, settings),
+            [
+                lambda: (plain(), traces.constant_shares(jnp.nan, layers, entries)),
+                lambda: (replacement(), traces.constant_shares(1.0, layers, entries)),
+                traced_fusion,
+            ],
+        )
 
     def stored_exemplar(latents, t, stored, residuals):
         hidden, eps_reference = stored
@@ -163,7 +181,9 @@ def aligned_generate(
             lambda: inject(REPLACE, implementation, residuals),
             lambda: inject(FUSE, implementation, residuals),
         ]
-        return jax.lax.switch(attention_stage(t, settings), branches), eps_reference
+        fused = functools.partial(traces.injected_with_shares, unet, params, latents, t, batch_cond, grouped, layers)
+        output, shares = switch(t, branches, lambda: fused(FUSE, implementation, residuals), latents.shape[0])
+        return output, eps_reference, shares
 
     def recomputed_exemplar(latents, t, x_reference, residuals):
         leading = contexts.size
@@ -176,20 +196,23 @@ def aligned_generate(
             lambda: alongside(REPLACE, implementation, residuals),
             lambda: alongside(FUSE, implementation, residuals),
         ]
-        output = jax.lax.switch(attention_stage(t, settings), branches)
+        fused = functools.partial(
+            traces.alongside_with_shares, unet, params, both, t, cond, leading, group_context, layers
+        )
+        output, shares = switch(t, branches, lambda: fused(FUSE, implementation, residuals), latents.shape[0])
         eps_reference = schedule.epsilon(output[leading - 1].astype(jnp.float32), x_reference, schedule.alpha(t))
-        return output[leading:], eps_reference
+        return output[leading:], eps_reference, shares
 
-    def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, None]:
+    def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, tuple | None]:
         index, t, x_reference, x_reference_next, stored = xs
         latents = jnp.concatenate([x, x])
         residuals = None
         if controlnets:
             residuals = control_residuals(controlnets, inputs.control, latents, t, batch_cond, index, steps)
         if stored is None:
-            output, eps_reference = recomputed_exemplar(latents, t, x_reference, residuals)
+            output, eps_reference, shares = recomputed_exemplar(latents, t, x_reference, residuals)
         else:
-            output, eps_reference = stored_exemplar(latents, t, stored, residuals)
+            output, eps_reference, shares = stored_exemplar(latents, t, stored, residuals)
         alpha = schedule.alpha(t)
         eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
         eps_uncond, eps_cond = jnp.split(eps, 2)
@@ -204,12 +227,17 @@ def aligned_generate(
         x_next = jnp.where(inputs.region[None, None], x_next, x_reference_next[None])
         if report_progress:
             progress.tick(t)
+        if return_traces:
+            per_variation = shares.reshape(len(layers), 2, count).mean(axis=1)
+            return x_next, (per_variation, traces.statistic_distance(x, x_reference))
         return x_next, None
 
     reference = inputs.reference
     stored = None if reference is None else (reference.hidden, reference.eps)
     xs = (jnp.arange(steps), inputs.timesteps, reference_latents[:-1], reference_latents[1:], stored)
-    final, _ = jax.lax.scan(step, inputs.start, xs)
+    final, ys = jax.lax.scan(step, inputs.start, xs)
+    if return_traces:
+        return final, traces.StepTraces(share=ys[0].transpose(2, 0, 1), distance=ys[1].T)
     return final
 
 

@@ -9,6 +9,10 @@ or truncates nothing and regenerates nothing that was finished.
 
 Work is split into contiguous blocks of (row, variation) items, one block per process, so hosts
 share nothing but the output folder; each process's records go to its own file.
+
+Paths in a manifest are relative to the folder holding the manifest (after following links to it);
+the manifest's own path, like every command-line path, is relative to the current folder.
+With `overwrite` a job starts over: the images its records list are removed and generated again.
 """
 
 from __future__ import annotations
@@ -29,8 +33,18 @@ from tqdm.auto import tqdm
 from rival_jax import images
 from rival_jax.core.parallel import initialize_distributed, process_share
 from rival_jax.errors import RivalError
+from rival_jax.jobs.authors import image_entries, is_image_config
 from rival_jax.jobs.batches import run_rows
-from rival_jax.jobs.common import check_control, load_pipeline, log, prepare_runtime, show_progress
+from rival_jax.jobs.common import (
+    check_control,
+    check_job,
+    load_pipeline,
+    log,
+    one_line,
+    prepare_runtime,
+    show_progress,
+)
+from rival_jax.jobs.outputs import check_output, output_lock, remove_files
 from rival_jax.jobs.settings import ROW_FIELDS, merge_settings, parse_text_value
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
@@ -58,12 +72,24 @@ class Summary:
     skipped_rows: int = 0
     failed_rows: int = 0
     seconds: float = 0.0
+    compile_seconds: float = 0.0
     problems: list[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def images_per_second(self) -> float:
+        """Generation rate, compile time excluded."""
+        running = self.seconds - self.compile_seconds
+        return self.generated / running if running > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every row was done, 1 when any row was skipped or failed."""
+        return 1 if self.skipped_rows or self.failed_rows else 0
+
     def line(self) -> str:
-        rate = self.generated / self.seconds if self.seconds else 0.0
         return (
-            f"done: {self.generated} generated ({rate:.2f} img/s), {self.already_done} already done; "
+            f"done: {self.generated} generated ({self.images_per_second:.2f} img/s, compile "
+            f"{self.compile_seconds:.1f} s excluded), {self.already_done} already done; "
             f"rows skipped: {self.skipped_rows}, rows failed: {self.failed_rows}"
         )
 
@@ -83,17 +109,26 @@ def _manifest_entries(source: Path) -> Iterator[tuple[int, dict[str, Any] | Riva
         return
     if not source.is_file():
         raise RivalError(f"manifest {source} does not exist: pass a CSV/JSONL manifest or a folder of images")
+    try:
+        source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RivalError(
+            f"manifest {source} is not readable UTF-8 text ({type(error).__name__}): save it as UTF-8"
+        ) from None
     if source.suffix.lower() == ".csv":
-        with open(source, newline="") as handle:
+        with open(source, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or "image" not in reader.fieldnames:
                 raise RivalError(f"manifest {source} has no 'image' column: its header must name one")
             for n, record in enumerate(reader):
+                if None in record:
+                    yield n, RivalError(f"more cells than the header's {len(reader.fieldnames)} columns")
+                    continue
                 yield n, {k: v for k, v in record.items() if k and v not in (None, "")}
         return
     if source.suffix.lower() not in (".jsonl", ".ndjson"):
         raise RivalError(f"manifest {source} must be .csv or .jsonl (or a folder of images)")
-    for n, line in enumerate(line for line in source.read_text().splitlines() if line.strip()):
+    for n, line in enumerate(line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()):
         try:
             values = json.loads(line)
         except json.JSONDecodeError as error:
@@ -105,13 +140,17 @@ def _manifest_entries(source: Path) -> Iterator[tuple[int, dict[str, Any] | Riva
 def read_rows(source: str | os.PathLike, defaults: dict[str, Any], model: str) -> tuple[list[Row], list[str]]:
     """Rows with settings layered over `defaults`, and one message per unusable row.
 
-    Relative image paths are relative to the manifest's folder. A row without a `seed` uses
-    `defaults['seed'] + row number`, so rows get different noise.
+    Relative paths in the manifest (image, mask, control_image) are relative to the folder holding
+    the manifest after following links (a folder source: that folder). A row without a `seed` uses
+    `defaults['seed'] + row number`, so rows get different noise. A manifest without rows is an error.
+    `source` may also be an image config of the authors' release (`jobs.authors`).
     """
     source = Path(source)
-    base = source if source.is_dir() else source.parent
+    base = Path(os.path.realpath(source))
+    base = base if source.is_dir() else base.parent
     rows, problems = [], []
-    for number, entry in _manifest_entries(source):
+    entries = image_entries(source, defaults) if is_image_config(source) else _manifest_entries(source)
+    for number, entry in entries:
         try:
             if isinstance(entry, RivalError):
                 raise entry
@@ -122,37 +161,49 @@ def read_rows(source: str | os.PathLike, defaults: dict[str, Any], model: str) -
                 raise RivalError("no image given")
             values = {k: parse_text_value(k, v) if isinstance(v, str) else v for k, v in entry.items() if k != "image"}
             values.setdefault("seed", defaults.get("seed", 0) + number)
-            if values.get("mask"):
-                values["mask"] = str(base / values["mask"])
-            if values.get("control_image"):
+            if values.get("mask") is not None:
+                values["mask"] = _manifest_path(base, values["mask"], "mask")
+            if values.get("control_image") is not None:
                 maps = values["control_image"]
-                values["control_image"] = [m if m == "canny" else str(base / m) for m in _as_list(maps)]
+                maps = maps if isinstance(maps, list) else [maps]
+                values["control_image"] = [
+                    m if m == "canny" else _manifest_path(base, m, "control_image") for m in maps
+                ]
             settings = merge_settings(defaults, values)
-            image = base / str(entry["image"])
+            image = _manifest_path(base, entry["image"], "image")
             rows.append(Row(number, image, settings, _row_key(image, settings, model)))
         except RivalError as error:
-            problems.append(f"row {number} skipped: {error}")
+            problems.append(one_line(f"row {number} skipped: {error}"))
+    if not rows and not problems:
+        what = "folder" if source.is_dir() else "manifest"
+        raise RivalError(f"{what} {source} has no rows: add images ({', '.join(IMAGE_SUFFIXES)}) or manifest lines")
     return rows, problems
 
 
-def _as_list(value: Any) -> list:
-    return value if isinstance(value, list) else [value]
+def _manifest_path(base: Path, value: Any, name: str) -> Path:
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise RivalError(f"{name} {value!r} is not a file path: give a path relative to the manifest's folder")
+    return base / value
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+            yield {"key": record["key"], "variation_index": int(record["variation_index"]), "file": record["file"]}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut short by a kill
 
 
 def _read_records(output: Path) -> set[tuple[str, int]]:
-    done = set()
-    for path in output.glob("records-*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                done.add((record["key"], int(record["variation_index"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # a line cut short by a kill
-    return done
+    return {(r["key"], r["variation_index"]) for path in output.glob("records-*.jsonl") for r in _records(path)}
 
 
 class RecordLog:
-    """Append-only JSONL of finished images; each line is flushed and fsynced before the next image."""
+    """Append-only JSONL of finished images; each line is flushed and fsynced before the next image.
+
+    A failed append (a full disk) is cut back off, so the file never holds half a line.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -162,9 +213,18 @@ class RecordLog:
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+            size = handle.tell()
+            try:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError:
+                handle.truncate(size)
+                raise
+
+    def files(self) -> list[str]:
+        """The image files these records list."""
+        return [record["file"] for record in _records(self.path)]
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
@@ -182,17 +242,25 @@ def run_augment(
     problems: list[str] | tuple[str, ...] = (),
     show_progress: bool = True,
     log: Callable[[str], None] = log,
+    overwrite: bool = False,
 ) -> Summary:
     """Generate every missing (row, variation) of this process's share into `output`.
 
-    `problems` are the rows `read_rows` could not use; process 0 reports and counts them.
+    `problems` are the rows `read_rows` could not use; process 0 reports and counts them. With
+    `overwrite` the images this process's records list, and the records, are removed first: the
+    job starts over (files no record lists are never removed; images of the same names are replaced).
     """
     output = Path(output)
     image_dir = output / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(image_dir)
     records = RecordLog(output / f"records-{process_index:04d}.jsonl")
-    done = _read_records(output)
+    if overwrite:
+        listed = [output / f for f in records.files() if f.startswith("images/") and "/" not in f[7:]]
+        removed = remove_files([p for p in listed if p.is_file()])
+        records.path.unlink(missing_ok=True)
+        log(f"--overwrite: removed {removed} images the earlier run recorded in {output}")
+    done = set() if overwrite else _read_records(output)
     summary = Summary()
     if process_index == 0:
         summary.skipped_rows, summary.problems = len(problems), list(problems)
@@ -206,7 +274,7 @@ def run_augment(
     for row, index in items:
         if (row.key, index) in done:
             summary.already_done += 1
-        elif (images.png_metadata(image_dir / row.file_name(index)) or {}).get("key") == row.key:
+        elif not overwrite and (images.png_metadata(image_dir / row.file_name(index)) or {}).get("key") == row.key:
             records.append(_record(row, index, adopted=True))
             summary.already_done += 1
         else:
@@ -228,12 +296,12 @@ def run_augment(
             bar.update(len(todo[number]))
         else:
             summary.failed_rows += 1
-        summary.problems.append(f"row {number} {kind}: {message}")
+        summary.problems.append(one_line(f"row {number} {kind}: {message}"))
         log(summary.problems[-1])
 
-    with bar:
+    with CompileTimer() as compiling, bar:
         run_rows(pipe, [(by_number[number], indices) for number, indices in todo.items()], batch_size, save, report)
-    summary.seconds = time.perf_counter() - started
+    summary.seconds, summary.compile_seconds = time.perf_counter() - started, compiling.seconds
     return summary
 
 
@@ -253,37 +321,46 @@ def _record(row: Row, index: int, adopted: bool = False) -> dict[str, Any]:
 def run_augment_job(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> int:
     """`rival-jax augment`: this process's share of a manifest or image folder, resumable.
 
+    Every input and the output folder are checked, and the folder locked for this process index,
+    before a model loads.
+
     Args:
         job: `jobs.JOB_DEFAULTS` keys plus "source", "batch_size" and the multi-host options
             ("coordinator", "num_processes", "process_id", "distributed").
         options: the pipeline's run options.
         row: settings every row starts from (a manifest row overrides them).
 
+    Returns:
+        The exit code: 0 when every row was done, 1 when any row was skipped or failed.
+
     >>> run_augment_job({**JOB_DEFAULTS, "source": "photos/", "batch_size": 8, ...}, RunOptions(), {})
     """
+    check_job(job)
     check_control(options, merge_settings(row))
     if job["batch_size"] < 1:
         raise RivalError(f"--batch-size {job['batch_size']} is out of range: use an integer >= 1")
+    output = check_output(job["output"])
+    rows, problems = read_rows(job["source"], row, str(job["model"]))
     process_index, process_count = 0, 1
     if job["coordinator"] or job["distributed"]:
         process_index, process_count = initialize_distributed(
             job["coordinator"], job["num_processes"], job["process_id"]
         )
         log(f"process {process_index} of {process_count}")
-    rows, problems = read_rows(job["source"], row, str(job["model"]))
-    prepare_runtime(job)
-    with CompileTimer() as compiling:
+    with output_lock(output, process_index):
+        prepare_runtime(job)
         pipe = load_pipeline(job, options)
         summary = run_augment(
             pipe,
             rows,
-            job["output"],
+            output,
             batch_size=job["batch_size"],
             process_index=process_index,
             process_count=process_count,
             problems=problems,
             show_progress=show_progress(job),
+            overwrite=job["overwrite"],
         )
-    log(f"{summary.line()}; compile {compiling.seconds:.1f} s")
-    print(Path(job["output"]))
-    return 0
+    log(summary.line())
+    print(output)
+    return summary.exit_code

@@ -10,16 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from rival_jax import images
+from rival_jax import example_image, images
 from rival_jax.jobs.common import (
-    bundled_exemplar,
     check_control,
+    check_job,
     load_pipeline,
     log,
     prepare_runtime,
     read_exemplar,
     show_progress,
 )
+from rival_jax.jobs.outputs import check_generate_output, output_lock, recorded_files, remove_files
 from rival_jax.jobs.settings import CONTROL_FIELDS, generation_arguments, merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
@@ -28,18 +29,30 @@ from rival_jax.progress import CompileTimer
 def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> Path:
     """Invert the exemplar, generate, and write the variations, `exemplar.png`, `grid.png` and `rival.json`.
 
+    Every input and the output folder are checked before a model loads. A folder holding an earlier
+    result is refused unless `job["overwrite"]`; then the files its `rival.json` recorded are removed
+    right before the new ones are written (see `jobs.outputs`).
+
     Args:
-        job: `jobs.JOB_DEFAULTS` keys plus "exemplar" (a path; default: the bundled photograph).
+        job: `jobs.JOB_DEFAULTS` keys plus "exemplar" (a path; default: the bundled photograph) and
+            "traces" (also write `traces.json`, see `core.traces`; default off).
         options: the pipeline's run options.
         row: per-exemplar settings (`settings.ROW_FIELDS`).
 
     >>> run_generate({**JOB_DEFAULTS, "exemplar": "photo.jpg"}, RunOptions(), {"prompt": "a cat"})
     """
+    check_job(job)
     settings = merge_settings(row)
     check_control(options, settings)
-    exemplar_path = job.get("exemplar") or str(bundled_exemplar())
-    exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"])
-    output = Path(job["output"])
+    exemplar_path = job.get("exemplar") or str(example_image())
+    exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"], options)
+    output = check_generate_output(job["output"], job["overwrite"])
+    with output_lock(output):
+        return _generate(job, options, settings, exemplar_path, (exemplar, mask, control_maps), output)
+
+
+def _generate(job, options, settings, exemplar_path, inputs, output: Path) -> Path:
+    exemplar, mask, control_maps = inputs
     prepare_runtime(job)
     show = show_progress(job)
     started = time.perf_counter()
@@ -55,6 +68,7 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
             num_variations=settings["num_variations"],
             mask=mask,
             show_progress=show,
+            return_traces=bool(job.get("traces", False)),
         )
         generation_seconds = time.perf_counter() - clock
     timings = {
@@ -62,7 +76,11 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "inversion_s": inversion_seconds,
         "generation_s": generation_seconds,
         "total_s": time.perf_counter() - started,
+        **{f"{label.replace(' ', '_')}_run_s": t["run_s"] for label, t in pipe.executables.timings.items()},
     }
+    earlier = recorded_files(output)
+    if earlier:
+        log(f"--overwrite: removing the {remove_files(earlier)} files of the earlier result in {output}")
     files = []
     for index, image in zip(result.indices, result.images, strict=True):
         name = f"variation-{int(index):03d}.png"
@@ -93,13 +111,15 @@ def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) 
         "seed": settings["seed"],
         "config": settings["config"].as_dict(),
         "images": files,
+        "files": [*(f["file"] for f in files), "exemplar.png", "grid.png", "rival.json"],
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "devices": f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].device_kind}",
     }
+    if result.traces is not None:
+        images.save_json(result.traces.as_json(), output / "traces.json")
+        sidecar["traces"] = "traces.json"
     images.save_json(sidecar, output / "rival.json")
-    log(
-        f"compile {timings['compile_s']:.1f} s; inversion {inversion_seconds:.1f} s, "
-        f"generation {generation_seconds:.1f} s (both include compiling on first use)"
-    )
+    runs = ", ".join(f"{label} {t['run_s']:.1f} s" for label, t in pipe.executables.timings.items())
+    log(f"compile {timings['compile_s']:.1f} s (tracing, compiling, cache reads); run: {runs}")
     print(output / "grid.png")
     return output

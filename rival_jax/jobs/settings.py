@@ -15,6 +15,7 @@ from typing import Any
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.images import CannyEdges
+from rival_jax.jobs.authors import inference_settings, is_inference_config
 
 TASKS = ("variation", "text", "edit", "inpaint")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RivalConfig))
@@ -65,6 +66,18 @@ def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
     for name in ("num_variations", "steps", "seed"):
         if not isinstance(settings[name], int) or isinstance(settings[name], bool):
             raise RivalError(f"{name}={settings[name]!r} is not an integer")
+    if not 0 <= settings["seed"] < 2**32:
+        raise RivalError(f"seed={settings['seed']!r} is out of range: use an integer in 0..{2**32 - 1}")
+    for name in ("prompt", "negative_prompt", "inversion_prompt"):
+        if not isinstance(settings[name], str):
+            raise RivalError(f"{name}={settings[name]!r} is not text: quote it")
+    for name in ("mask", "control_image"):
+        paths = settings[name] if isinstance(settings[name], list) and name == "control_image" else [settings[name]]
+        if not all(isinstance(p, str) and p for p in paths if p is not None):
+            raise RivalError(f"{name}={settings[name]!r} is not a file path: give a path (text)")
+    for name in CONFIG_FIELDS:
+        if isinstance(getattr(RivalConfig, name), bool) and not isinstance(settings[name], bool):
+            raise RivalError(f"{name}={settings[name]!r} is not a boolean: use true or false")
     count = settings["num_variations"]
     if count < 1:
         raise RivalError(f"num_variations={count!r} is out of range: use an integer >= 1")
@@ -101,7 +114,11 @@ def generation_arguments(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_settings_file(path: str | Path, allowed: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON or YAML mapping of settings; names outside `allowed` are an error."""
+    """A JSON or YAML mapping of settings; names outside `allowed` are an error.
+
+    A file in the authors' inference format (`self_attn`/`inference` sections, see `jobs.authors`)
+    is mapped to the settings it stands for.
+    """
     file = Path(path)
     if not file.is_file():
         raise RivalError(f"config file {file} does not exist: check the path")
@@ -119,7 +136,9 @@ def read_settings_file(path: str | Path, allowed: tuple[str, ...]) -> dict[str, 
         raise RivalError(f"config file {file} is not valid {kind} ({message}): fix its syntax") from None
     if not isinstance(values, dict):
         raise RivalError(f"config file {file} must hold a mapping of setting names to values")
-    unknown = sorted(set(values) - set(allowed))
+    if is_inference_config(values):
+        return inference_settings(values, file)
+    unknown = sorted(map(str, set(values) - set(allowed)))
     if unknown:
         raise RivalError(f"config file {file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
     return values

@@ -1,0 +1,277 @@
+"""`rival-jax evaluate`: scores a `generate` or `augment` output folder; metrics.json, metrics.csv, report.html.
+
+Per image: CLIP image-image (variation vs its exemplar) and text-image (variation vs its prompt)
+cosine, and the palette distance to its exemplar. Per exemplar: diversity (mean pairwise CLIP image
+distance among its variations). Over the folder: KID x 10^3 between the exemplars and the variations
+(FID Inception features when a weights file is given, else CLIP image features).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rival_jax import images
+from rival_jax.errors import RivalError
+from rival_jax.jobs.common import log
+from rival_jax.metrics.clip import check_clip_name, cosine, load_clip, mean_pairwise_distance
+from rival_jax.metrics.kid import kid
+from rival_jax.metrics.palette import palette, palette_distance
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+KID_FEATURES = ("inception", "clip")
+CSV_COLUMNS = ("file", "exemplar", "prompt", "clip_image", "clip_text", "palette")
+SUMMARY_KEYS = ("clip_image", "clip_text", "palette", "kid", "kid_std", "diversity")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One generated image: its file (relative to the folder), its exemplar and its prompt."""
+
+    file: str
+    exemplar: Path
+    prompt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What an output folder holds: its kind, its images, whether its generator had random weights, traces."""
+
+    kind: str
+    entries: list[Entry]
+    random_weights: bool | None
+    traces: dict | None
+
+
+def _generate_entries(folder: Path) -> Outputs:
+    try:
+        sidecar = json.loads((folder / "rival.json").read_text())
+        entries = [Entry(i["file"], folder / "exemplar.png", sidecar["prompt"]) for i in sidecar["images"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise RivalError(f"{folder / 'rival.json'} is not a generate sidecar ({error}): rerun generate") from None
+    return Outputs("generate", entries, bool(sidecar.get("random_weights")), None)
+
+
+def _augment_entries(folder: Path) -> Outputs:
+    entries: dict[str, Entry] = {}
+    for path in sorted(folder.glob("records-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                entries[record["file"]] = Entry(record["file"], Path(record["image"]), record["settings"]["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+    return Outputs("augment", list(entries.values()), None, None)
+
+
+def _read_traces(folder: Path) -> dict | None:
+    """traces.json (per-step attention shares and latent statistics) if present and well-formed."""
+    path = folder / "traces.json"
+    if not path.is_file():
+        return None
+    try:
+        traces = json.loads(path.read_text())
+        steps = len(traces["timesteps"])
+        if len(traces["exemplar_attention_share"]) != steps or len(traces["latent_stat_distance"]) != steps:
+            raise ValueError("lengths differ")
+        return traces
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        log(f"{path} skipped: not a traces file ({error})")
+        return None
+
+
+def read_outputs(folder: str | Path) -> Outputs:
+    """The images of a `generate` (rival.json) or `augment` (records-*.jsonl) folder, every file checked to exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RivalError(f"output folder {folder} does not exist: pass the -o folder of generate or augment")
+    if (folder / "rival.json").is_file():
+        outputs = _generate_entries(folder)
+    elif any(folder.glob("records-*.jsonl")):
+        outputs = _augment_entries(folder)
+    else:
+        raise RivalError(f"{folder} holds no rival.json or records-*.jsonl: pass the -o folder of generate or augment")
+    if not outputs.entries:
+        raise RivalError(f"{folder} records no images: generate some first")
+    for entry in outputs.entries:
+        for path in (folder / entry.file, entry.exemplar):
+            if not path.is_file():
+                raise RivalError(f"{path} (recorded in {folder}) is missing: run evaluate where the job ran")
+    return dataclasses.replace(outputs, traces=_read_traces(folder))
+
+
+@functools.lru_cache(maxsize=2)
+def _clip(name: str, cache_dir: Path | None):
+    return load_clip(name, cache_dir if cache_dir else True)
+
+
+@functools.lru_cache(maxsize=2)
+def _inception(path: Path):
+    from rival_jax.metrics.inception import load_inception
+
+    return load_inception(path)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _score(folder: Path, outputs: Outputs, clip: Any, kid_params: dict | None, seed: int) -> dict[str, Any]:
+    """Per-image rows, per-exemplar rows and the summary."""
+    pictures = [images.as_rgb(images.open_image(folder / e.file, "image")) for e in outputs.entries]
+    groups: dict[Path, list[int]] = {}
+    for index, entry in enumerate(outputs.entries):
+        groups.setdefault(entry.exemplar, []).append(index)
+    exemplars = {
+        path: images.fit(images.as_rgb(images.open_image(path), f"exemplar {path}"), pictures[members[0]].size)
+        for path, members in groups.items()
+    }
+    generated = clip.image_features(pictures)
+    reference = dict(zip(exemplars, clip.image_features(list(exemplars.values())), strict=True))
+    prompts = sorted({e.prompt for e in outputs.entries if e.prompt})
+    texts = dict(zip(prompts, clip.text_features(prompts), strict=True)) if prompts else {}
+    palettes = {path: palette(np.asarray(picture), seed=seed) for path, picture in exemplars.items()}
+    rows = []
+    for entry, picture, features in zip(outputs.entries, pictures, generated, strict=True):
+        text = texts.get(entry.prompt)
+        rows.append(
+            {
+                "file": entry.file,
+                "exemplar": str(entry.exemplar),
+                "prompt": entry.prompt,
+                "clip_image": float(cosine(features, reference[entry.exemplar])),
+                "clip_text": None if text is None else float(cosine(features, text)),
+                "palette": palette_distance(palette(np.asarray(picture), seed=seed), palettes[entry.exemplar]),
+            }
+        )
+    per_exemplar = [
+        {
+            "exemplar": str(path),
+            "images": len(members),
+            "diversity": mean_pairwise_distance(generated[members]),
+            "clip_image": _mean([rows[i]["clip_image"] for i in members]),
+            "palette": _mean([rows[i]["palette"] for i in members]),
+        }
+        for path, members in groups.items()
+    ]
+    if kid_params is None:
+        real, fake = np.stack(list(reference.values())), generated
+    else:
+        from rival_jax.metrics.inception import inception_features
+
+        real, fake = inception_features(kid_params, list(exemplars.values())), inception_features(kid_params, pictures)
+    distance = kid(real, fake, seed=seed)
+    summary = {name: _mean([row[name] for row in rows]) for name in ("clip_image", "clip_text", "palette")}
+    summary |= {
+        "kid": None if distance is None else 1e3 * distance[0],
+        "kid_std": None if distance is None else 1e3 * distance[1],
+        "diversity": _mean([group["diversity"] for group in per_exemplar]),
+        "images": len(rows),
+        "exemplars": len(groups),
+    }
+    return {"summary": summary, "images": rows, "exemplars": per_exemplar}
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    def write(stream: Any) -> None:
+        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS} for row in rows)
+
+    images.write_atomic(path, write, binary=False)
+
+
+def evaluate_folder(
+    folder: Path,
+    clip: str = DEFAULT_CLIP,
+    inception: Path | None = None,
+    kid_features: str | None = None,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Score every image of an output folder and write metrics.json, metrics.csv (and report.html).
+
+    Models stay loaded between calls in one process (an ablation evaluates many folders).
+
+    Args:
+        folder: a `generate` (rival.json) or `augment` (records-*.jsonl) output folder.
+        clip: CLIP model folder, hub id, or "tiny" (random weights, for tests).
+        inception: FID Inception weights (.pth, .safetensors or .npz) for KID; None uses CLIP image features.
+        kid_features: "inception" or "clip" (default: inception when a file is given, else clip).
+        cache_dir: cache of converted weights (default: the package's cache folder).
+        seed: seeds k-means palettes and KID's subsets.
+        report: also write report.html.
+
+    Returns:
+        The summary written under "summary" in metrics.json: clip_image, clip_text, palette, kid,
+        kid_std (x10^3), diversity, each a float or None where it cannot be computed, plus the
+        counts images and exemplars.
+
+    >>> evaluate_folder(Path("rival-output"), clip="openai/clip-vit-large-patch14")["clip_image"]
+    """
+    folder = Path(folder)
+    kid_features = kid_features or ("inception" if inception else "clip")
+    if kid_features not in KID_FEATURES:
+        raise RivalError(f"--kid-features {kid_features!r} is unknown: use inception or clip")
+    if kid_features == "inception" and inception is None:
+        raise RivalError("--kid-features inception needs the weights: add --inception pt_inception-...pth")
+    if inception is not None:
+        from rival_jax.metrics.inception import check_inception_file
+
+        inception = check_inception_file(inception)
+    check_clip_name(str(clip))
+    outputs = read_outputs(folder)
+    started = time.perf_counter()
+    scorer = _clip(str(clip), Path(cache_dir) if cache_dir else None)
+    if scorer.random_weights:
+        log(f"CLIP: built-in {clip} model with RANDOM weights - scores are meaningless (use --clip {DEFAULT_CLIP})")
+    kid_params = _inception(inception) if kid_features == "inception" else None
+    metrics = _score(folder, outputs, scorer, kid_params, seed)
+    metrics |= {
+        "source": {"folder": str(folder), "kind": outputs.kind},
+        "models": {"clip": str(clip), "clip_path": str(scorer.path), "kid_features": kid_features},
+        "random_weights": {"generator": outputs.random_weights, "clip": scorer.random_weights},
+        "seed": seed,
+    }
+    if inception is not None:
+        metrics["models"]["inception"] = str(inception)
+    images.save_json(metrics, folder / "metrics.json")
+    _write_csv(metrics["images"], folder / "metrics.csv")
+    if report:
+        from rival_jax.report import write_report
+
+        write_report(folder / "report.html", metrics, folder, outputs.traces)
+    log(f"evaluated {len(outputs.entries)} images in {time.perf_counter() - started:.1f} s")
+    return metrics["summary"]
+
+
+def run_evaluate(job: dict[str, Any]) -> Path:
+    """`rival-jax evaluate`: score an output folder; prints the report's path.
+
+    Args:
+        job: "folder", "clip", "inception", "kid_features", "cache_dir", "seed".
+
+    >>> run_evaluate({"folder": "out", "clip": "tiny", "inception": None, "kid_features": None, ...})
+    """
+    folder = Path(job["folder"])
+    summary = evaluate_folder(
+        folder,
+        clip=job["clip"],
+        inception=Path(job["inception"]) if job["inception"] else None,
+        kid_features=job["kid_features"],
+        cache_dir=job["cache_dir"],
+        seed=job["seed"],
+    )
+    shown = ", ".join(f"{k} {summary[k]:.4g}" for k in SUMMARY_KEYS if summary[k] is not None)
+    log(f"summary: {shown}")
+    print(folder / "report.html")
+    return folder

@@ -1,0 +1,1 @@
+"""Image-variation metrics as the RIVAL paper reports them: CLIP scores, palette distance, KID, diversity."""

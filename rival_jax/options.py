@@ -24,8 +24,8 @@ REFERENCE_MODES = ("auto", "keep", "recompute")
 RESOLUTION_PATTERN = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
 
 
-def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None, type: type | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "type": type})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,9 @@ class RunOptions:
             folder or hub id of the same family that supplies configs, scheduler and tokenizers.
         controlnet: ControlNet folders or hub ids (one, or a list for several) whose residuals steer
             the generated images (SD 1.x/2.x).
+        exemplar_batch: how many exemplars a job inverts, passes and generates together (`multi`);
+            None = one per local device. Rows are batched only with rows of the same image size,
+            steps, prompt contexts and settings.
 
     >>> RunOptions(resolution="768x512", reference_mode="recompute").size
     (768, 512)
@@ -72,6 +75,9 @@ class RunOptions:
         None, "for a single-file .safetensors model: a diffusers folder of its family (configs, tokenizers)"
     )
     controlnet: tuple[str, ...] = _option((), "ControlNet folder or hub id (repeat for several)")
+    exemplar_batch: int | None = _option(
+        None, "exemplars a job generates together (default: one per local device)", type=int
+    )
 
     def __post_init__(self) -> None:
         names = self.controlnet
@@ -87,6 +93,9 @@ class RunOptions:
         batch = self.reference_batch_size
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise RivalError(f"reference_batch_size={batch!r} is out of range: use an integer >= 1")
+        count = self.exemplar_batch
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise RivalError(f"exemplar_batch={count!r} is out of range: use an integer >= 1")
         if self.variant is not None and (not isinstance(self.variant, str) or not self.variant.isidentifier()):
             raise RivalError(f"variant {self.variant!r} is not a variant name: use e.g. fp16")
         self.size  # noqa: B018 - validates the resolution
@@ -126,7 +135,7 @@ def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = "append"
         elif field.metadata["choices"]:
             kwargs["choices"] = field.metadata["choices"]
-        elif isinstance(field.default, int):
+        elif isinstance(field.default, int) or field.metadata["type"] is int:
             kwargs["type"] = int
         parser.add_argument(flag, **kwargs)
 

@@ -142,9 +142,11 @@ class RivalPipeline:
         return functools.partial(invert, self.models.unet, report_progress=report_progress)
 
     def reference_program(self, report_progress: bool = False) -> Callable[..., ReferenceFeatures]:
-        """`reference_pass` on this UNet: (params, schedule, chain, contexts, timesteps) -> features."""
-        batch = self.options.reference_batch_size
-        return functools.partial(reference_pass, self.models.unet, batch_size=batch, report_progress=report_progress)
+        """`reference_pass` over the local devices: (params, schedule, chain, contexts, timesteps) -> features."""
+        batch, mesh = self.options.reference_batch_size, self.mesh
+        return functools.partial(
+            reference_pass, self.models.unet, batch_size=batch, report_progress=report_progress, mesh=mesh
+        )
 
     def generation_program(self, report_progress: bool = False, return_traces: bool = False) -> Callable[..., Any]:
         """`aligned_generate` over the local devices: (params, per_variation, shared) -> final latents.
@@ -229,9 +231,11 @@ class RivalPipeline:
         `contexts`: `self.contexts(chain)` where the caller has it already.
         """
         contexts = self.contexts(chain) if contexts is None else contexts
-        steps = reference_batches(chain.num_inference_steps * contexts.size, self.options.reference_batch_size)[0]
+        per_device = parallel.spread(chain.num_inference_steps * contexts.size, self.mesh.size)[1]
+        steps = reference_batches(per_device, self.options.reference_batch_size)[0] * self.mesh.size
         args = (self.params["unet"], self.models.schedule, chain.latents, contexts, jnp.asarray(chain.timesteps))
-        return self._run("reference pass", self.reference_program, steps, show_progress, args)
+        features = self._run("reference pass", self.reference_program, steps, show_progress, args)
+        return jax.device_put(features, parallel.replicated(self.mesh))  # every device reads every step
 
     def reference_feature_bytes(self, chain: InversionChain) -> int:
         """Bytes the exemplar's stored features take (reference mode "keep"), from shapes alone."""

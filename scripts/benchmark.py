@@ -14,6 +14,11 @@ The run-option flags (--dtype, --resolution, --attention, --reference-mode, ...)
     python scripts/benchmark.py --model tiny-sdxl --reference-mode recompute --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 256 --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 1024 --steps 30 --dtype bfloat16 --counts 4,8   # GPU
+
+`--devices D` prints instead the per-device cost table of `scripts/cost_analysis.py` (XLA's cost
+analysis of the sharded programs on D host devices; no accelerator, no weights):
+
+    python scripts/benchmark.py --devices 8 --family sd1 --resolution 256 --steps 3
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -146,7 +153,23 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=7.0)
     parser.add_argument("--repeats", type=positive, default=2, help="timed runs per program (fastest kept)")
     parser.add_argument("--stages", action="store_true", help="also time each attention stage at the last N")
+    parser.add_argument("--devices", type=positive, help="per-device cost table on this many host devices instead")
     return parser.parse_args()
+
+
+def cost_table(args: argparse.Namespace) -> int:
+    """Run `cost_analysis.py` for `--devices` with this run's architecture, size and steps; its exit code."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cost_analysis.py")
+    tiny = {"tiny": "sd1", "tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+    if not args.family and args.model not in tiny:
+        raise RivalError("--devices takes --family sd1|sd2|sdxl or a built-in tiny model: it needs no weights")
+    command = [sys.executable, script, "--devices", str(args.devices), "--steps", str(args.steps)]
+    command += ["--family", args.family] if args.family else ["--tiny", "--family", tiny[args.model]]
+    if getattr(args, "resolution", None):
+        command += ["--resolution", str(args.resolution)]
+    if getattr(args, "reference_batch_size", None):
+        command += ["--reference-batch-size", str(args.reference_batch_size)]
+    return subprocess.run(command, check=False).returncode
 
 
 def load_pipeline(args: argparse.Namespace) -> RivalPipeline:
@@ -160,6 +183,8 @@ def load_pipeline(args: argparse.Namespace) -> RivalPipeline:
 def main() -> None:
     """Load, invert the bundled exemplar, then time plain and RIVAL per N and print the tables."""
     args = parse_arguments()
+    if args.devices:
+        sys.exit(cost_table(args))
     pipe = load_pipeline(args)
     options, models, device = pipe.options, pipe.models, jax.devices()[0]
     weights = "random weights" if pipe.random_weights else "trained weights"

@@ -3,6 +3,10 @@
 - Within a process, variations of one exemplar are data-parallel over a 1-D mesh of the local
   devices (`jax.shard_map`): each device denoises its slice of the variations against a
   replicated copy of the exemplar's reference features, with no communication between devices.
+- Several exemplars at once use a 2-D mesh ("exemplars", "data") of the same devices
+  (`exemplar_mesh`): each row of devices holds its exemplars' chains and features and denoises its
+  slice of their variations. Independent evaluations (the reference pass's steps, several
+  exemplars' inversions) are split evenly over the devices (`spread`, `over_items`).
 - Across processes (TPU pod hosts, multi-node GPU), `jax.distributed` names each process; each
   takes its own contiguous block of the work (`process_share`) and writes its own files.
 """
@@ -19,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
+EXEMPLARS = "exemplars"
 T = TypeVar("T")
 
 
@@ -45,6 +50,53 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def spread(items: int, devices: int) -> tuple[int, int]:
+    """(devices used, items per device): `items` independent evaluations over at most `devices`, fewest per device."""
+    per_device = -(-items // devices)
+    return -(-items // per_device), per_device
+
+
+def sub_mesh(mesh: Mesh, count: int) -> Mesh:
+    """A 1-D mesh ("data") over the first `count` devices of `mesh`."""
+    return Mesh(np.array(mesh.devices.flat[:count]), (DATA,))
+
+
+def over_items(fn: Callable[..., Any], mesh: Mesh, sharded: tuple[bool, ...]) -> Callable[..., Any]:
+    """`fn(*args)` per device on its block of the arguments marked in `sharded` (axis 0, over every mesh axis).
+
+    The other arguments (params, schedule, ...) are replicated; outputs come back split along axis 0.
+    """
+    every = PartitionSpec(mesh.axis_names)
+    specs = tuple(every if split else PartitionSpec() for split in sharded)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=every, check_vma=False)
+
+
+def exemplar_rows(devices: int, exemplars: int, variations: int) -> int:
+    """Rows of an `exemplar_mesh` of `devices` for `exemplars` x `variations` generated entries.
+
+    Of the divisors r of `devices`, the one whose busiest device denoises the fewest entries
+    (ceil(E / r) * ceil(N / (devices / r))); ties go to more rows, so each device keeps fewer
+    exemplars' features.
+    """
+    divisors = [r for r in range(1, devices + 1) if devices % r == 0]
+    return min(divisors, key=lambda r: (-(-exemplars // r) * -(-variations // (devices // r)), -r))
+
+
+def exemplar_mesh(mesh: Mesh, exemplars: int, variations: int) -> Mesh:
+    """A 2-D mesh (EXEMPLARS, DATA) of `mesh`'s devices, `exemplar_rows` rows."""
+    rows = exemplar_rows(mesh.size, exemplars, variations)
+    return Mesh(mesh.devices.reshape(rows, mesh.size // rows), (EXEMPLARS, DATA))
+
+
+def per_exemplar_sharding(mesh: Mesh, variations: bool = False) -> NamedSharding:
+    """Split over the exemplar rows (axis 0); with `variations`, axis 1 over the columns too."""
+    return NamedSharding(mesh, PartitionSpec(EXEMPLARS, DATA) if variations else PartitionSpec(EXEMPLARS))
+
+
 def split_per_variation(inputs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """A struct's fields named in its `PER_VARIATION` and the rest, as two dicts of field name -> value."""
     fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
@@ -64,6 +116,32 @@ def over_variations(fn: Callable[[Any, Any], Any], mesh: Mesh, inputs_type: type
 
     specs = (PartitionSpec(), PartitionSpec(DATA), PartitionSpec())
     return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(DATA), check_vma=False)
+
+
+def over_exemplars(fn: Callable[[Any, Any], Any], mesh: Mesh, inputs_type: type) -> Callable[..., Any]:
+    """`fn(params, inputs)` per device of an `exemplar_mesh` on its exemplars and its slice of their variations.
+
+    Takes `(params, per_exemplar, shared)`: the struct's `PER_EXEMPLAR` fields (axis 0: exemplars;
+    `PER_VARIATION` fields also axis 1: variations) and the rest, replicated. Output (E, N, ...).
+    """
+
+    def run(params: Any, per_exemplar: dict[str, Any], shared: dict[str, Any]) -> Any:
+        return fn(params, inputs_type(**per_exemplar, **shared))
+
+    def specs(per_exemplar: dict[str, Any]) -> dict[str, PartitionSpec]:
+        return {
+            name: PartitionSpec(EXEMPLARS, DATA) if name in inputs_type.PER_VARIATION else PartitionSpec(EXEMPLARS)
+            for name in per_exemplar
+        }
+
+    def program(params: Any, per_exemplar: dict[str, Any], shared: dict[str, Any]) -> Any:
+        in_specs = (PartitionSpec(), specs(per_exemplar), PartitionSpec())
+        out_specs = PartitionSpec(EXEMPLARS, DATA)
+        return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+            params, per_exemplar, shared
+        )
+
+    return program
 
 
 def device_memory_bytes() -> int | None:

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from rival_jax import progress
+from rival_jax.core import parallel
 from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.core.unet import Conditioning, unet_output_recording
 
@@ -62,24 +64,47 @@ def reference_pass(
     timesteps: jnp.ndarray,
     batch_size: int = 8,
     report_progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> ReferenceFeatures:
     """Evaluate the exemplar at every generation step j on its stored latent x_{T-j}, for every context.
 
     `contexts` (C entries) condition [empty prompt, inversion prompt], or just one when equal. No
     step depends on another, so the T*C evaluations run as UNet batches of up to `batch_size`
-    (static), each entry at its own timestep; the last batch is padded with repeats that are dropped.
+    (static), each entry at its own timestep; with a `mesh` (static) they are split evenly over its
+    devices first. Padding repeats the last evaluation and is dropped.
 
     >>> features = reference_pass(unet, params["unet"], schedule, chain, contexts, jnp.asarray(timesteps))
     """
-    steps, count = timesteps.shape[0], contexts.size
-    items = steps * count
-    batches, per_batch = reference_batches(items, batch_size)
-    item = np.minimum(np.arange(batches * per_batch), items - 1)
-    step_of, context_of = item // count, item % count
-    latents_by_step = chain[::-1][:-1]
+    args = (chain[None], contexts, timesteps, batch_size, report_progress, mesh)
+    many = reference_pass_many(unet, params, schedule, *args)
+    return jax.tree_util.tree_map(lambda x: x[0], many)
 
-    def batched(x: jnp.ndarray) -> jnp.ndarray:
-        return x.reshape(batches, per_batch, *x.shape[1:])
+
+def reference_pass_many(
+    unet: Any,
+    params: Any,
+    schedule: DDIMSchedule,
+    chains: jnp.ndarray,
+    contexts: Conditioning,
+    timesteps: jnp.ndarray,
+    batch_size: int = 8,
+    report_progress: bool = False,
+    mesh: Mesh | None = None,
+) -> ReferenceFeatures:
+    """`reference_pass` of E exemplars together: chains (E, T+1, 4, h, w), contexts E*C entries exemplar-major.
+
+    Returns features with a leading exemplar axis: hidden {path: (E, T, C, L, D)}, eps (E, T, 4, h, w).
+    Every device evaluates ceil(E*T*C / devices) entries, in batches of up to `batch_size`.
+    """
+    exemplars, steps = chains.shape[0], timesteps.shape[0]
+    count = contexts.size // exemplars
+    items = exemplars * steps * count
+    devices = 1 if mesh is None else mesh.size
+    batches, per_batch = reference_batches(parallel.spread(items, devices)[1], batch_size)
+    item = np.minimum(np.arange(devices * batches * per_batch), items - 1)
+    exemplar_of, step_of, context_of = item // (steps * count), item // count % steps, item % count
+    latents = chains[exemplar_of, steps - step_of]
+    inputs = (latents, timesteps[step_of], contexts.take(exemplar_of * count + context_of))
 
     def run(_: None, xs: tuple) -> tuple[None, tuple[dict, jnp.ndarray]]:
         x, t, cond = xs
@@ -89,14 +114,20 @@ def reference_pass(
             progress.tick(t[0])
         return None, (hidden, eps)
 
-    inputs = (latents_by_step[step_of], timesteps[step_of], contexts.take(context_of))
-    _, outputs = jax.lax.scan(run, None, jax.tree_util.tree_map(batched, inputs))
+    def evaluate(params: Any, inputs: tuple) -> tuple[dict, jnp.ndarray]:
+        batched = jax.tree_util.tree_map(lambda x: x.reshape(batches, per_batch, *x.shape[1:]), inputs)
+        _, outputs = jax.lax.scan(run, None, batched)
+        return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+
+    if mesh is not None:
+        evaluate = parallel.over_items(evaluate, mesh, (False, True))
+    outputs = evaluate(params, inputs)
 
     def by_step(x: jnp.ndarray) -> jnp.ndarray:
-        return x.reshape(-1, *x.shape[2:])[:items].reshape(steps, count, *x.shape[2:])
+        return x[:items].reshape(exemplars, steps, count, *x.shape[1:])
 
     hidden, eps = jax.tree_util.tree_map(by_step, outputs)
-    return ReferenceFeatures(hidden=hidden, eps=eps[:, -1], contexts=count)
+    return ReferenceFeatures(hidden=hidden, eps=eps[:, :, -1], contexts=count)
 
 
 def feature_bytes(unet: Any, params: Any, latent_shape: tuple[int, ...], contexts: Conditioning, steps: int) -> int:

@@ -43,9 +43,12 @@ class GenerationInputs:
     settings: `RivalConfig.as_arrays()`.
     timesteps: (T,) generation order.
     control: the ControlNets' inputs (`control.ControlInputs`), or None without ControlNet.
+
+    Several exemplars (`aligned_generate_many`) stack the `PER_EXEMPLAR` fields on a leading axis.
     """
 
     PER_VARIATION: ClassVar[tuple[str, ...]] = ("start",)
+    PER_EXEMPLAR: ClassVar[tuple[str, ...]] = ("start", "chain", "conditioning", "contexts", "reference", "region")
 
     start: jnp.ndarray
     chain: jnp.ndarray
@@ -236,3 +239,27 @@ def aligned_generate(
     if return_traces:
         return final, traces.StepTraces(share=ys[0].transpose(2, 0, 1), distance=ys[1].T)
     return final
+
+
+def aligned_generate_many(
+    unet: Any,
+    params: Any,
+    schedule: DDIMSchedule,
+    inputs: GenerationInputs,
+    attention_implementation: str | None = None,
+) -> jnp.ndarray:
+    """`aligned_generate` of E exemplars in one program: each exemplar's variations against its own side.
+
+    inputs: `PER_EXEMPLAR` fields with a leading exemplar axis (start (E, N, 4, h, w), chain
+        (E, T+1, 4, h, w), conditioning and contexts (E, ...) per leaf, reference leaves (E, ...),
+        region (E, h, w)); settings and timesteps are shared, so the attention and AdaIN stages stay
+        one branch per step for the whole batch. No ControlNet. Returns (E, N, 4, h, w).
+
+    >>> finals = aligned_generate_many(unet, params["unet"], schedule, stacked_inputs)
+    """
+    per_exemplar = {name: getattr(inputs, name) for name in GenerationInputs.PER_EXEMPLAR}
+
+    def one(fields: dict[str, Any]) -> jnp.ndarray:
+        return aligned_generate(unet, params, schedule, inputs.replace(**fields), False, attention_implementation)
+
+    return jax.vmap(one)(per_exemplar)

@@ -34,6 +34,7 @@ from rival_jax import images
 from rival_jax.core.parallel import initialize_distributed, process_share
 from rival_jax.errors import RivalError
 from rival_jax.jobs.authors import image_entries, is_image_config
+from rival_jax.jobs.batches import run_rows
 from rival_jax.jobs.common import (
     check_control,
     check_job,
@@ -41,11 +42,10 @@ from rival_jax.jobs.common import (
     log,
     one_line,
     prepare_runtime,
-    read_exemplar,
     show_progress,
 )
 from rival_jax.jobs.outputs import check_output, output_lock, remove_files
-from rival_jax.jobs.settings import ROW_FIELDS, generation_arguments, merge_settings, parse_text_value
+from rival_jax.jobs.settings import ROW_FIELDS, merge_settings, parse_text_value
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
 
@@ -283,27 +283,24 @@ def run_augment(
     bar = tqdm(
         total=sum(map(len, todo.values())), unit="img", desc="augment", disable=not show_progress, file=sys.stderr
     )
+
+    def save(row: Row, index: int, image: Any) -> None:
+        images.save_png(image, image_dir / row.file_name(index), {"key": row.key, "variation_index": index})
+        records.append(_record(row, index))
+        summary.generated += 1
+        bar.update(1)
+
+    def report(number: int, kind: str, message: str) -> None:
+        if kind == "skipped":
+            summary.skipped_rows += 1
+            bar.update(len(todo[number]))
+        else:
+            summary.failed_rows += 1
+        summary.problems.append(one_line(f"row {number} {kind}: {message}"))
+        log(summary.problems[-1])
+
     with CompileTimer() as compiling, bar:
-        for number, indices in todo.items():
-            row = by_number[number]
-            try:
-                exemplar, mask, control_maps = read_exemplar(
-                    row.image, row.settings["mask"], row.settings["control_image"], pipe.options
-                )
-            except RivalError as error:
-                summary.skipped_rows += 1
-                summary.problems.append(one_line(f"row {number} skipped: {error}"))
-                log(summary.problems[-1])
-                bar.update(len(indices))
-                continue
-            try:
-                inputs = (exemplar, mask, control_maps)
-                _generate_row(pipe, row, inputs, indices, batch_size, image_dir, records, bar)
-                summary.generated += len(indices)
-            except Exception as error:  # one bad exemplar must not stop a long job
-                summary.failed_rows += 1
-                summary.problems.append(one_line(f"row {number} failed: {type(error).__name__}: {error}"))
-                log(summary.problems[-1])
+        run_rows(pipe, [(by_number[number], indices) for number, indices in todo.items()], batch_size, save, report)
     summary.seconds, summary.compile_seconds = time.perf_counter() - started, compiling.seconds
     return summary
 
@@ -319,21 +316,6 @@ def _record(row: Row, index: int, adopted: bool = False) -> dict[str, Any]:
         "settings": settings,
         "adopted": adopted,
     }
-
-
-def _generate_row(pipe, row, inputs, indices, batch_size, image_dir, records, bar) -> None:
-    exemplar, mask, control_maps = inputs
-    settings = {**row.settings, "control_image": control_maps}
-    chain = pipe.invert(exemplar, settings["inversion_prompt"], settings["steps"])
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        out = pipe.generate(
-            chain, **generation_arguments(settings), mask=mask, variation_indices=chunk, batch_size=batch_size
-        )
-        for index, image in zip(chunk, out.images, strict=True):
-            images.save_png(image, image_dir / row.file_name(index), {"key": row.key, "variation_index": index})
-            records.append(_record(row, index))
-            bar.update(1)
 
 
 def run_augment_job(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> int:

@@ -86,6 +86,29 @@ def test_single_run_outputs_and_summary(single_run):
     records = _records(output)
     assert sorted(r["file"] for r in records) == [f"images/{n}" for n in names]
     assert all(r["settings"]["steps"] == 2 for r in records)
+    assert 0 < summary.compile_seconds < summary.seconds and summary.exit_code == 1
+    rate = summary.generated / (summary.seconds - summary.compile_seconds)
+    assert f"7 generated ({rate:.2f} img/s, compile {summary.compile_seconds:.1f} s excluded)" in summary.line()
+
+
+@pytest.mark.parametrize(
+    ("rows", "output", "code", "last_line"),
+    [
+        ([{"image": "gone.png"}, {"image": "b.jpg", "guidance_scale": "loud"}], "out", 1, "rows skipped: 2"),
+        ([{"image": "a.png"}], "taken", 2, "rival-jax: error: output {taken} is a file, not a folder"),
+    ],
+)
+def test_augment_exit_codes_tell_bad_input_from_rows_not_done(
+    capsys, tmp_path, manifest, tiny_flax, rows, output, code, last_line
+):
+    from rival_jax.cli import main
+
+    source = manifest.parent / f"exit-{code}.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "taken").write_text("a file")
+    argv = ["augment", str(source), "-o", str(tmp_path / output), "--model", str(tiny_flax), *JOB]
+    assert main(argv) == code
+    assert last_line.format(taken=tmp_path / "taken") in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def _cli(manifest, output, *extra):
@@ -109,7 +132,7 @@ def test_killed_job_resumes_without_loss_duplicates_or_rework(manifest, tiny_fla
     assert 3 <= len(before) < 7
 
     result = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # the manifest's bad rows are skipped
     summary = result.stderr.strip().splitlines()[-1]
     assert f"{7 - len(before)} generated" in summary and f"{len(before)} already done" in summary
     after = {p.name: p.stat().st_mtime_ns for p in (output / "images").glob("*.png")}
@@ -154,7 +177,7 @@ def test_two_processes_with_jax_distributed_match_one(manifest, tiny_flax, singl
         for k in range(2)
     ]
     logs = [p.communicate(timeout=600) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], logs
+    assert [p.returncode for p in processes] == [1, 1], logs  # each meets a bad row of the manifest in its share
     assert sorted(p.name for p in output.glob("records-*.jsonl")) == ["records-0000.jsonl", "records-0001.jsonl"]
     assert all(_records(output)) and len(_records(output)) == 7
     expected, got = _pixels(single_run[0]), _pixels(output)

@@ -44,7 +44,8 @@ from rival_jax.jobs.common import (
     prepare_runtime,
     show_progress,
 )
-from rival_jax.jobs.outputs import check_output, output_lock, remove_files
+from rival_jax.jobs.outputs import check_output, output_lock
+from rival_jax.jobs.records import RecordLog, finished_items, remove_stale_temporaries
 from rival_jax.jobs.settings import ROW_FIELDS, merge_settings, parse_text_value
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
@@ -162,12 +163,12 @@ def read_rows(source: str | os.PathLike, defaults: dict[str, Any], model: str) -
             values = {k: parse_text_value(k, v) if isinstance(v, str) else v for k, v in entry.items() if k != "image"}
             values.setdefault("seed", defaults.get("seed", 0) + number)
             if values.get("mask") is not None:
-                values["mask"] = _manifest_path(base, values["mask"], "mask")
+                values["mask"] = str(_manifest_path(base, values["mask"], "mask"))
             if values.get("control_image") is not None:
                 maps = values["control_image"]
                 maps = maps if isinstance(maps, list) else [maps]
                 values["control_image"] = [
-                    m if m == "canny" else _manifest_path(base, m, "control_image") for m in maps
+                    m if m == "canny" else str(_manifest_path(base, m, "control_image")) for m in maps
                 ]
             settings = merge_settings(defaults, values)
             image = _manifest_path(base, entry["image"], "image")
@@ -184,52 +185,6 @@ def _manifest_path(base: Path, value: Any, name: str) -> Path:
     if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise RivalError(f"{name} {value!r} is not a file path: give a path relative to the manifest's folder")
     return base / value
-
-
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-            yield {"key": record["key"], "variation_index": int(record["variation_index"]), "file": record["file"]}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue  # a line cut short by a kill
-
-
-def _read_records(output: Path) -> set[tuple[str, int]]:
-    return {(r["key"], r["variation_index"]) for path in output.glob("records-*.jsonl") for r in _records(path)}
-
-
-class RecordLog:
-    """Append-only JSONL of finished images; each line is flushed and fsynced before the next image.
-
-    A failed append (a full disk) is cut back off, so the file never holds half a line.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            with open(path, "a") as handle:
-                handle.write("\n")
-
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            size = handle.tell()
-            try:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            except OSError:
-                handle.truncate(size)
-                raise
-
-    def files(self) -> list[str]:
-        """The image files these records list."""
-        return [record["file"] for record in _records(self.path)]
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    for stale in folder.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def run_augment(
@@ -253,14 +208,11 @@ def run_augment(
     output = Path(output)
     image_dir = output / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(image_dir)
+    remove_stale_temporaries(image_dir)
     records = RecordLog(output / f"records-{process_index:04d}.jsonl")
     if overwrite:
-        listed = [output / f for f in records.files() if f.startswith("images/") and "/" not in f[7:]]
-        removed = remove_files([p for p in listed if p.is_file()])
-        records.path.unlink(missing_ok=True)
-        log(f"--overwrite: removed {removed} images the earlier run recorded in {output}")
-    done = set() if overwrite else _read_records(output)
+        log(f"--overwrite: removed {records.start_over(output)} images the earlier run recorded in {output}")
+    done = set() if overwrite else finished_items(output)
     summary = Summary()
     if process_index == 0:
         summary.skipped_rows, summary.problems = len(problems), list(problems)

@@ -62,7 +62,10 @@ def run_rows(pipe: Any, work: list[tuple[Any, list[int]]], batch_size: int, save
     waiting: dict[tuple, list[Pending]] = {}
     for row, indices in work:
         try:
-            exemplar, mask, control_maps = read_exemplar(row.image, row.settings["mask"], row.settings["control_image"])
+            settings = row.settings
+            exemplar, mask, control_maps = read_exemplar(
+                row.image, settings["mask"], settings["control_image"], pipe.options
+            )
         except RivalError as error:
             report(row.number, "skipped", str(error))
             continue

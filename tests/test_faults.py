@@ -67,7 +67,7 @@ def test_a_full_disk_fails_the_row_writes_nothing_half_and_the_rerun_completes(t
 
     monkeypatch.setattr(images, "write_atomic", disk_fills_on_the_second_image)
     summary = _run(tiny_pipe, job, output)
-    assert (summary.generated, summary.failed_rows, summary.exit_code) == (2, 1, 1)
+    assert (summary.generated, summary.failed_rows, summary.exit_code) == (3, 1, 1)  # images, not rows
     assert summary.problems == [f"row 0 failed: OSError: [Errno 28] {os.strerror(errno.ENOSPC)}"]
     assert len(_check_folder(output)) == 3  # a's first image and b's two
     monkeypatch.setattr(images, "write_atomic", real_write)

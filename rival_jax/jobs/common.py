@@ -38,6 +38,7 @@ JOB_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "compile_cache": ((bool, *_PATH), "a folder path or a boolean"),
     "progress": ((bool, _NONE), "a boolean"),
     "overwrite": ((bool,), "a boolean"),
+    "traces": ((bool,), "a boolean"),
     "exemplar": ((*_PATH, _NONE), "a file path"),
     "source": (_PATH, "a manifest or folder path"),
     "batch_size": ((int,), "an integer"),

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from rival_jax.errors import RivalError
-from rival_jax.jobs.augment import read_rows, run_augment
+from rival_jax.jobs.augment import run_augment
+from rival_jax.jobs.manifest import read_rows
 
 JOB = ["--steps", "2", "--batch-size", "2", "--no-progress", "--no-compile-cache"]
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from rival_jax.cli import main
 from rival_jax.errors import RivalError
-from rival_jax.jobs.augment import read_rows, run_augment
+from rival_jax.jobs.augment import run_augment
+from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.settings import ROW_FIELDS, merge_settings, read_settings_file
 
 AUTHORS = Path(__file__).parent / "data" / "authors-configs"

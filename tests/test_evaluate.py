@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from rival_jax.cli import main
-from rival_jax.jobs.augment import read_rows, run_augment
+from rival_jax.jobs.augment import run_augment
 from rival_jax.jobs.evaluate import evaluate_folder
+from rival_jax.jobs.manifest import read_rows
 from rival_jax.metrics.palette import palette, palette_distance
 
 # As tests/test_cli.py's variation run, so the suite's compiled programs (XLA's disk cache) are reused.

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from rival_jax import images
-from rival_jax.jobs.augment import read_rows, run_augment
+from rival_jax.jobs.augment import run_augment
+from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.records import RecordLog
 
 # Exemplar sizes and settings of tests/test_augment.py, so the compiled programs are shared.

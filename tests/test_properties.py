@@ -24,8 +24,8 @@ from PIL import Image
 
 from rival_jax.errors import RivalError
 from rival_jax.images import mask_region, open_mask
-from rival_jax.jobs.augment import read_rows
 from rival_jax.jobs.common import JOB_DEFAULTS
+from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.settings import ROW_FIELDS
 from rival_jax.options import FIELDS as RUN_OPTION_FIELDS
 

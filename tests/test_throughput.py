@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from rival_jax.core.parallel import exemplar_rows, spread
-from rival_jax.jobs.augment import read_rows, run_augment
+from rival_jax.jobs.augment import run_augment
+from rival_jax.jobs.manifest import read_rows
 
 STEPS, BATCH = 2, 2
 ROWS = [
@@ -30,7 +31,8 @@ EIGHT_DEVICES = textwrap.dedent(
     import json, sys, jax, numpy as np
     from rival_jax import RivalPipeline, RunOptions
     from rival_jax.core.reference import reference_pass
-    from rival_jax.jobs.augment import read_rows, run_augment
+    from rival_jax.jobs.augment import run_augment
+    from rival_jax.jobs.manifest import read_rows
     from rival_jax.multi import ExemplarGroup, Request, generate_many, invert_many
     from rival_jax.models.loading import load_models
     checkpoint, manifest, output, result = sys.argv[1:]

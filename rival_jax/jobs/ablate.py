@@ -25,8 +25,9 @@ from typing import Any
 
 from rival_jax import images
 from rival_jax.errors import RivalError
-from rival_jax.jobs.augment import read_rows, run_augment
+from rival_jax.jobs.augment import run_augment
 from rival_jax.jobs.common import check_control, load_pipeline, log, prepare_runtime, show_progress
+from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer

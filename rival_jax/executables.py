@@ -20,7 +20,7 @@ class Executables:
     ("compile_s", "run_s"), summed over calls.
 
     >>> runs = Executables()
-    >>> latents = runs.run("inversion", pipe.inversion_program, steps=50, show=True, args=(params, sched, x0, c, ts))
+    >>> latents = runs.run("inversion", pipe.programs.inversion, steps=50, show=True, args=(params, sched, x0, c, ts))
     >>> runs.timings["inversion"]
     {'compile_s': 8.1, 'run_s': 2.3}
     """

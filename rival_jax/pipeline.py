@@ -7,7 +7,6 @@ spread over devices by `parallel`), each compiled once per shape and kept.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,21 +21,20 @@ from rival_jax import images
 from rival_jax.config import RivalConfig
 from rival_jax.controls import control_inputs
 from rival_jax.core import parallel, traces
-from rival_jax.core.inversion import invert
 from rival_jax.core.reference import (
     ReferenceFeatures,
     choose_reference_mode,
     feature_bytes,
     reference_batches,
-    reference_pass,
 )
-from rival_jax.core.sampler import GenerationInputs, aligned_generate, start_latents
+from rival_jax.core.sampler import GenerationInputs, start_latents
 from rival_jax.core.unet import Conditioning
 from rival_jax.errors import RivalError
 from rival_jax.executables import Executables
 from rival_jax.models.loading import LoadedModels, load_models
 from rival_jax.options import RunOptions, check_attention, resolve_dtype
 from rival_jax.outputs import InversionChain, RivalOutput
+from rival_jax.programs import Programs
 from rival_jax.prompts import PromptEncoder
 
 OutputType = Literal["pil", "np", "latent"]
@@ -78,8 +76,6 @@ class RivalPipeline:
         check_attention(self.options.attention, self.dtype)
         self.models, self.params = models, models.params
         unet, vae = models.unet, models.vae
-        self.vae_scale = float(vae.config.scaling_factor)
-        self.vae_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self.default_side = int(unet.config.sample_size) * self.vae_factor
@@ -88,8 +84,9 @@ class RivalPipeline:
         self.mesh = parallel.local_mesh()
         self.prompts = PromptEncoder(models)
         self._start_latents = jax.jit(start_latents, static_argnames="config")
-        self._encode = jax.jit(self._encode_fn)
-        self._decode = jax.jit(self._decode_fn)
+        self.programs = Programs(models, self.options, self.mesh, self.controlnets, self.dtype)
+        self._encode = jax.jit(self.programs.encode)
+        self._decode = jax.jit(self.programs.decode)
         self.executables = Executables()
         self._run = self.executables.run
         self._feature_bytes: dict[tuple, int] = {}
@@ -137,50 +134,6 @@ class RivalPipeline:
         """True for the built-in tiny models: random weights, their images are noise."""
         return self.models.random_weights
 
-    def inversion_program(self, report_progress: bool = False) -> Callable[..., jax.Array]:
-        """`invert` on this UNet: (params, schedule, x0, cond, timesteps) -> chain."""
-        return functools.partial(invert, self.models.unet, report_progress=report_progress)
-
-    def reference_program(self, report_progress: bool = False) -> Callable[..., ReferenceFeatures]:
-        """`reference_pass` over the local devices: (params, schedule, chain, contexts, timesteps) -> features."""
-        batch, mesh = self.options.reference_batch_size, self.mesh
-        return functools.partial(
-            reference_pass, self.models.unet, batch_size=batch, report_progress=report_progress, mesh=mesh
-        )
-
-    def generation_program(self, report_progress: bool = False, return_traces: bool = False) -> Callable[..., Any]:
-        """`aligned_generate` over the local devices: (params, per_variation, shared) -> final latents.
-
-        The two dicts are `parallel.split_per_variation(GenerationInputs(...))`. With `return_traces`
-        the program also returns `traces.StepTraces` (a separate program).
-        """
-        unet, schedule, implementation = self.models.unet, self.models.schedule, self.options.attention
-        controlnets = tuple(loaded.module for loaded in self.controlnets)
-
-        def generate(params: Any, inputs: GenerationInputs) -> jax.Array:
-            return aligned_generate(
-                unet, params, schedule, inputs, report_progress, implementation, controlnets, return_traces
-            )
-
-        sharded = parallel.over_variations(generate, self.mesh, GenerationInputs)
-
-        def program(params: Any, per_variation: dict, shared: dict) -> jax.Array:
-            return sharded(params, per_variation, shared)
-
-        return program
-
-    def _encode_fn(self, params: Any, pixels: jnp.ndarray) -> jnp.ndarray:
-        vae = self.models.vae
-        posterior = vae.apply({"params": params}, pixels, method=vae.encode).latent_dist
-        latents = posterior.mean.transpose(0, 3, 1, 2).astype(jnp.float32)
-        return (latents - self.vae_shift) * self.vae_scale
-
-    def _decode_fn(self, params: Any, latents: jnp.ndarray) -> jnp.ndarray:
-        vae = self.models.vae
-        scaled = (latents / self.vae_scale + self.vae_shift).astype(self.dtype)
-        decoded = vae.apply({"params": params}, scaled, method=vae.decode)
-        return jnp.clip(decoded.sample.astype(jnp.float32).transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
-
     def image_size(self, source_size: tuple[int, int]) -> tuple[int, int]:
         """(W, H) an exemplar of `source_size` (W, H) is processed at, per the run options."""
         options = self.options
@@ -212,7 +165,7 @@ class RivalPipeline:
         pixels, x0, source_size = self.encode_image(image)
         cond = self.encode_prompt([prompt], (pixels.shape[1], pixels.shape[0]))
         args = (self.params["unet"], self.models.schedule, x0, cond, jnp.asarray(timesteps))
-        latents = self._run("inversion", self.inversion_program, len(timesteps), show_progress, args)
+        latents = self._run("inversion", self.programs.inversion, len(timesteps), show_progress, args)
         return InversionChain(latents, timesteps, prompt, pixels, source_size)
 
     @staticmethod
@@ -234,7 +187,7 @@ class RivalPipeline:
         per_device = parallel.spread(chain.num_inference_steps * contexts.size, self.mesh.size)[1]
         steps = reference_batches(per_device, self.options.reference_batch_size)[0] * self.mesh.size
         args = (self.params["unet"], self.models.schedule, chain.latents, contexts, jnp.asarray(chain.timesteps))
-        features = self._run("reference pass", self.reference_program, steps, show_progress, args)
+        features = self._run("reference pass", self.programs.reference, steps, show_progress, args)
         return jax.device_put(features, parallel.replicated(self.mesh))  # every device reads every step
 
     def reference_feature_bytes(self, chain: InversionChain) -> int:
@@ -367,7 +320,7 @@ class RivalPipeline:
         label = "generation (traces)" if return_traces else "generation"
 
         def program(ticks: bool) -> Callable[..., Any]:
-            return self.generation_program(ticks, return_traces)
+            return self.programs.generation(ticks, return_traces)
 
         final = self._run(label, program, steps, show_progress, args, donate=("per_variation",))
         traced = None

@@ -196,7 +196,7 @@ def main() -> None:
     pixels, x0, source_size = pipe.encode_image(str(example_image()))
     size = (pixels.shape[1], pixels.shape[0])
     inversion_args = (params, schedule, x0, pipe.encode_prompt([args.prompt], size), jnp.asarray(timesteps))
-    inversion = Program(pipe.inversion_program(), *inversion_args)
+    inversion = Program(pipe.programs.inversion(), *inversion_args)
     for _ in range(args.repeats):
         chain = InversionChain(inversion.run(), timesteps, args.prompt, pixels, source_size)
     latent_height, latent_width = chain.latents.shape[-2:]
@@ -210,7 +210,7 @@ def main() -> None:
     exemplar_programs = {"inversion": inversion}
     if mode == "keep":
         reference_args = (params, schedule, chain.latents, contexts, jnp.asarray(timesteps))
-        reference = Program(pipe.reference_program(), *reference_args)
+        reference = Program(pipe.programs.reference(), *reference_args)
         for _ in range(args.repeats):
             chain.reference = reference.run()
         exemplar_programs["reference pass"] = reference
@@ -246,7 +246,7 @@ def main() -> None:
             timesteps=jnp.asarray(timesteps),
         )
         per_variation, shared = parallel.split_per_variation(inputs)
-        generation = Program(pipe.generation_program(), params, per_variation, shared)
+        generation = Program(pipe.programs.generation(), params, per_variation, shared)
         for _ in range(args.repeats):
             for program in (*plains, generation):
                 program.run()

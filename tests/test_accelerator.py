@@ -132,11 +132,11 @@ def test_benchmark_memory_figures_fit_the_device(tiny_pipe, float32_run, record_
     timesteps = jnp.asarray(chain.timesteps)
     conditioning = pipe.encode_prompt([PROMPT], chain.size)
     inversion = benchmark.Program(
-        pipe.inversion_program(), params, pipe.models.schedule, chain.latents[0], conditioning, timesteps
+        pipe.programs.inversion(), params, pipe.models.schedule, chain.latents[0], conditioning, timesteps
     )
     contexts = pipe.contexts(chain)
     reference = benchmark.Program(
-        pipe.reference_program(), params, pipe.models.schedule, chain.latents, contexts, timesteps
+        pipe.programs.reference(), params, pipe.models.schedule, chain.latents, contexts, timesteps
     )
     param_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
     limit = parallel.device_memory_bytes()

@@ -185,7 +185,7 @@ def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
 
         chain, timesteps = shaped((steps + 1, 4, size, size)), shaped((steps,), jnp.int32)
         unet, schedule = tiny_pipe.params["unet"], tiny_pipe.models.schedule
-        reference = jax.eval_shape(tiny_pipe.reference_program(), unet, schedule, chain, contexts, timesteps)
+        reference = jax.eval_shape(tiny_pipe.programs.reference(), unet, schedule, chain, contexts, timesteps)
         inputs = GenerationInputs(
             start=shaped((2, 4, size, size)),
             chain=chain,
@@ -197,7 +197,7 @@ def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
             timesteps=timesteps,
         )
         arguments = (unet, *parallel.split_per_variation(inputs))
-        analysis = jax.jit(tiny_pipe.generation_program()).lower(*arguments).compile().memory_analysis()
+        analysis = jax.jit(tiny_pipe.programs.generation()).lower(*arguments).compile().memory_analysis()
         return analysis.temp_size_in_bytes, reference.nbytes
 
     (temp_few, features_few), (temp_many, features_many) = memory(4), memory(40)

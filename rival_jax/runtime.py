@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from rival_jax.models.loading import default_cache_dir
 
@@ -13,9 +14,12 @@ def enable_compilation_cache(folder: str | Path | None = None) -> Path:
     """Keep compiled programs on disk so a later process with the same shapes skips compiling.
 
     Default folder: `<rival_jax cache>/xla`. Every program is cached, however quick it compiled.
+    Called again with another folder, later programs go there (JAX opens its cache once otherwise).
     """
     path = Path(folder) if folder else default_cache_dir() / "xla"
     path.mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir not in (None, str(path)):
+        compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

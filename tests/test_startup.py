@@ -153,3 +153,13 @@ def test_python_dash_m_runs_the_cli_with_its_exit_codes(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("rival-jax: error:") and "missing.png" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_cache_folder_receives_the_programs_compiled_after_it(tmp_path):
+    first = Path(jax.config.jax_compilation_cache_dir)
+    try:
+        runtime.enable_compilation_cache(tmp_path / "other")
+        jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(11)).block_until_ready()
+        assert list((tmp_path / "other").iterdir()), "JAX kept writing to the first cache folder"
+    finally:
+        runtime.enable_compilation_cache(first)

@@ -247,7 +247,7 @@ def evaluate_folder(
     images.save_json(metrics, folder / "metrics.json")
     _write_csv(metrics["images"], folder / "metrics.csv")
     if report:
-        from rival_jax.report import write_report
+        from rival_jax.metrics.report import write_report
 
         write_report(folder / "report.html", metrics, folder, outputs.traces)
     log(f"evaluated {len(outputs.entries)} images in {time.perf_counter() - started:.1f} s")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from rival_jax.errors import RivalError
 from rival_jax.images import write_folder_atomic
-from rival_jax.metrics.batches import run_batched
+from rival_jax.metrics.batched import run_batched
 from rival_jax.models.checkpoints import (
     TRANSFORMERS_WEIGHTS,
     _transformers_rename,

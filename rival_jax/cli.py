@@ -38,7 +38,7 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     add("--guidance", dest="guidance_scale", type=float, default=suppress, help="guidance scale (default: 7)")
     add("--t-align", type=int, default=suppress, help="attention replacement while t > t_align (default: 600)")
     add("--t-early", type=int, default=suppress, help="AdaIN noise alignment while t > t_early (default: 600)")
-    add("--editing-start", type=int, default=suppress, help="no injection while t > this (edit default: 900)")
+    add("--editing-start", type=int, default=suppress, help="no injection while t > this (edit default: 901)")
     add("--latent-init", choices=LATENT_INITS, default=suppress, help="start latent (default: shuffle)")
     for switch in ("attention_injection", "early_replacement", "latent_alignment", "noise_alignment"):
         flag = f"--no-{switch.replace('_', '-')}"

@@ -291,5 +291,5 @@ def test_manifest_rows_override_the_command_line(tmp_path):
     edited, plain = (row.settings for row in rows)
     assert (edited["t_align"], plain["t_align"]) == (300, 500)
     assert edited["num_variations"] == plain["num_variations"] == 3
-    assert (edited["latent_init"], edited["editing_start"]) == ("exemplar", 900)
+    assert (edited["latent_init"], edited["editing_start"]) == ("exemplar", 901)
     assert (plain["latent_init"], plain["editing_start"]) == ("shuffle", 1000)

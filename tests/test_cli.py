@@ -319,7 +319,7 @@ def test_precedence_is_defaults_task_defaults_config_file_command_line(tmp_path)
     _, _, settings = _layered()
     assert (settings["latent_init"], settings["editing_start"], settings["t_align"]) == ("shuffle", 1000, 600)
     _, _, settings = _layered("--task", "edit", "--prompt", "a dog")
-    assert (settings["latent_init"], settings["editing_start"], settings["inversion_prompt"]) == ("exemplar", 900, "")
+    assert (settings["latent_init"], settings["editing_start"], settings["inversion_prompt"]) == ("exemplar", 901, "")
     config = "task: edit\nediting_start: 850\nt_align: 400\nresolution: 256\nmodel: from-file\n"
     job, options, settings = _layered(config=config, tmp_path=tmp_path)
     assert (settings["task"], settings["latent_init"], settings["editing_start"]) == ("edit", "exemplar", 850)

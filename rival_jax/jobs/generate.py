@@ -110,6 +110,7 @@ def _generate(job, options, settings, exemplar_path, inputs, output: Path) -> Pa
         "num_inference_steps": settings["steps"],
         "seed": settings["seed"],
         "config": settings["config"].as_dict(),
+        "authors_t_align": settings["authors_t_align"],
         "images": files,
         "files": [*(f["file"] for f in files), "exemplar.png", "grid.png", "rival.json"],
         "timings": {k: round(v, 3) for k, v in timings.items()},

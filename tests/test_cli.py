@@ -297,7 +297,8 @@ def test_ctrl_c_while_writing_leaves_no_half_result_and_the_rerun_writes_it(
     def interrupted_after_one_image(image, path, metadata=None):
         if saved:
             raise KeyboardInterrupt
-        saved.append(real_save(image, path, metadata))
+        saved.append(path)
+        return real_save(image, path, metadata)
 
     args = ("generate", exemplar_file, "--model", tiny_flax, "-o", out, *FAST)
     monkeypatch.setattr(files, "save_png", interrupted_after_one_image)

@@ -132,7 +132,8 @@ def test_ctrl_c_mid_job_prints_one_line_exits_130_and_the_rerun_resumes(capsys, 
     def interrupted_after_two_images(image, path, metadata=None):
         if len(saved) == 2:
             raise KeyboardInterrupt
-        saved.append(real_save(image, path, metadata))
+        saved.append(path)
+        return real_save(image, path, metadata)
 
     argv = ["augment", str(job), "-o", str(output), "--model", str(tiny_flax), "--steps", "2", "-n", "2"]
     argv += ["--batch-size", "2", "--no-progress"]

@@ -83,6 +83,6 @@ def png_metadata(path: str | os.PathLike) -> dict | None:
 def save_json(data: Any, path: str | os.PathLike) -> Path:
     """Write `data` as indented JSON with sorted keys, atomically.
 
-    >>> save_json({"seed": 0}, "out/rival.json")
+    >>> save_json({"summary": {}}, "out/metrics.json")
     """
     return write_atomic(path, lambda stream: json.dump(data, stream, indent=2, sort_keys=True), binary=False)

@@ -44,10 +44,10 @@ def _run(pipe, manifest, output, **kwargs):
 def _check_folder(output: Path) -> list[dict]:
     """Every image is whole and recorded once, every record names an image, no temporary is left."""
     records = [json.loads(line) for p in output.glob("records-*.jsonl") for line in p.read_text().splitlines()]
-    files = sorted((output / "images").iterdir())
-    assert not [p for p in files if p.name.startswith(".")]
-    assert sorted(r["file"] for r in records) == [f"images/{p.name}" for p in files]
-    assert all(files.png_metadata(p) is not None for p in files)
+    pngs = sorted((output / "images").iterdir())
+    assert not [p for p in pngs if p.name.startswith(".")]
+    assert sorted(r["file"] for r in records) == [f"images/{p.name}" for p in pngs]
+    assert all(files.png_metadata(p) is not None for p in pngs)
     return records
 
 

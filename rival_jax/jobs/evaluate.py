@@ -200,7 +200,7 @@ def evaluate_folder(
     Models stay loaded between calls in one process (an ablation evaluates many folders).
 
     Args:
-        folder: a `generate` (rival.json) or `augment` (records-*.jsonl) output folder.
+        folder: a `generate` (its sidecar) or `augment` (its records) output folder.
         clip: CLIP model folder, hub id, or "tiny" (random weights, for tests).
         inception: FID Inception weights (.pth, .safetensors or .npz) for KID; None uses CLIP image features.
         kid_features: "inception" or "clip" (default: inception when a file is given, else clip).

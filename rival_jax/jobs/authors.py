@@ -34,8 +34,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from rival_jax import images
+from rival_jax import files, images
 from rival_jax.errors import RivalError
+from rival_jax.runtime import default_cache_dir
 
 INFERENCE_SECTIONS = {
     "self_attn": ("t_align", "atten_frames"),
@@ -149,15 +150,13 @@ def _image_root(path: Path, root: str) -> Path:
 
 def _converted_mask(mask: Path, exemplar: Path) -> str:
     """The authors' mask (black = regenerate, any size) as a rival-jax mask (white, exemplar's size) in the cache."""
-    from rival_jax.models.loading import default_cache_dir
-
     size = images.open_image(exemplar).size
     source = images.open_image(mask, "mask")
     digest = hashlib.sha256(mask.read_bytes() + f"{size}".encode()).hexdigest()[:20]
     target = default_cache_dir() / "authors-masks" / f"{digest}.png"
     if not target.is_file():
         converted = ImageOps.invert(source.convert("L")).resize(size, Image.Resampling.NEAREST)
-        images.save_png(converted, target)
+        files.save_png(converted, target)
     return str(target)
 
 

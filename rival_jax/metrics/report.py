@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from rival_jax import images
+from rival_jax import files, images
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -242,4 +242,4 @@ def write_report(
     >>> write_report("out/report.html", json.loads(Path("out/metrics.json").read_text()), "out")
     """
     text = render_report(metrics, Path(folder), traces)
-    return images.write_atomic(path, lambda stream: stream.write(text), binary=False)
+    return files.write_atomic(path, lambda stream: stream.write(text), binary=False)

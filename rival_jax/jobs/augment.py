@@ -27,9 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rival_jax import images
-from rival_jax.core.parallel import initialize_distributed, process_share
 from rival_jax.errors import RivalError
-from rival_jax.jobs.batches import run_rows
 from rival_jax.jobs.common import (
     check_control,
     check_job,
@@ -39,9 +37,11 @@ from rival_jax.jobs.common import (
     prepare_runtime,
     show_progress,
 )
+from rival_jax.jobs.hosts import initialize_distributed, process_share
 from rival_jax.jobs.manifest import Row, read_rows
 from rival_jax.jobs.outputs import check_output, output_lock
 from rival_jax.jobs.records import RecordLog, finished_items, remove_stale_temporaries
+from rival_jax.jobs.row_groups import run_rows
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer

@@ -2,8 +2,8 @@
 
 Rows whose exemplars come out the same size, with the same steps, prompt contexts (inversion
 prompt empty or not) and method settings, are gathered `RunOptions.exemplar_batch` at a time
-(default: one per local device) and run through `RivalPipeline.invert_many`/`generate_many`; other rows (ControlNet maps, or
-an exemplar batch of 1) run one at a time as before. Every image is still variation i of its row's
+(default: one per local device) and run through `RivalPipeline.invert_many` / `generate_many`; other
+rows (ControlNet maps, or an exemplar batch of 1) run one at a time. Every image is still variation i of its row's
 seed, whatever it was batched with. If a batch fails, its rows are retried one at a time, so only a
 bad row is reported as failed.
 """

@@ -221,7 +221,7 @@ class RivalPipeline(Generation):
             jnp.stack([c.latents for c in chains]), contexts, jnp.asarray(chains[0].timesteps)
         )
         args = (self.params["unet"], parallel.place(batch, self.mesh))
-        return self._run("reference pass", programs.reference, args, steps, show)
+        return self._run("reference pass", programs.reference, args, steps, show, mesh=self.mesh)
 
     def reference_feature_bytes(self, chain: InversionChain) -> int:
         """Bytes the exemplar's stored features take (reference mode "keep"), from shapes alone."""

@@ -171,7 +171,6 @@ def aligned_generate(
     steps = inputs.timesteps.shape[0]
     stride = schedule.stride(steps)
     batch_cond = inputs.conditioning.repeat(count)
-    reference_latents = inputs.chain[::-1]
     # The batch is [uncond x N, cond x N]; the two groups pair with the contexts [empty prompt, inversion prompt].
     group_context = jnp.array([0, contexts.size - 1])
     implementation = attention_implementation
@@ -221,7 +220,14 @@ def aligned_generate(
         return output[leading:], eps_reference, shares
 
     def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, tuple | None]:
-        index, t, x_reference, x_reference_next, stored = xs
+        index, t = xs
+        # Step-dependent inputs are read by index, not scanned over: under `vmap` (several exemplars) a
+        # scanned input would be transposed to steps-first, a copy of the whole chain and features.
+        x_reference, x_reference_next = inputs.chain[steps - index], inputs.chain[steps - index - 1]
+        reference = inputs.reference
+        stored = (
+            None if reference is None else jax.tree_util.tree_map(lambda a: a[index], (reference.hidden, reference.eps))
+        )
         latents = jnp.concatenate([x, x])
         residuals = None
         if controlnets:
@@ -249,9 +255,7 @@ def aligned_generate(
             return x_next, (per_variation, traces.statistic_distance(x, x_reference))
         return x_next, None
 
-    reference = inputs.reference
-    stored = None if reference is None else (reference.hidden, reference.eps)
-    xs = (jnp.arange(steps), inputs.timesteps, reference_latents[:-1], reference_latents[1:], stored)
+    xs = (jnp.arange(steps), inputs.timesteps)
     final, ys = jax.lax.scan(step, inputs.start, xs)
     if return_traces:
         return final, traces.StepTraces(share=ys[0].transpose(2, 0, 1), distance=ys[1].T)

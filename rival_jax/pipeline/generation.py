@@ -79,13 +79,8 @@ class Generation:
         indices = inputs.variation_indices(num_variations, variation_indices, latents)
         control = (controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
         request = Request(indices.tolist(), seed, prompt, negative_prompt, mask, latents, control_image, control)
-        kept = None if chain.reference is None else inputs.stacked([chain.reference])
-        group = ExemplarGroup([chain], kept)
         options = {"show_progress": show_progress, "return_traces": return_traces}
-        out = self.generate_many(group, [request], config, output_type, batch_size, **options)[0]
-        if chain.reference is None and group.reference is not None:
-            chain.reference = inputs.entry(group.reference, 0)  # later calls with this chain reuse it
-        return out
+        return self.generate_many(ExemplarGroup([chain]), [request], config, output_type, batch_size, **options)[0]
 
     def generate_many(
         self,
@@ -147,9 +142,9 @@ class Generation:
         mesh = parallel.exemplar_mesh(self.mesh, count, variations)
         rows, columns = mesh.devices.shape
         order = parallel.pad_to(np.arange(len(chains)), parallel.padded_length(count, rows))
-        mode = self._reference_mode(chains, group.reference is not None, len(order) // rows)
-        if mode == "keep" and (group.reference is None or group.reference.eps.shape[0] != len(order)):
-            group.reference = self._reference_many([chains[k] for k in order], show_progress)
+        kept = group.reference is not None or all(chain.reference is not None for chain in chains)
+        mode = self._reference_mode(chains, kept, len(order) // rows)
+        reference = self._group_features(group, order, show_progress) if mode == "keep" else None
         length = parallel.padded_length(variations, columns)
         batch = GenerationInputs(
             start=np.stack([parallel.pad_to(starts[k], length) for k in order]),
@@ -158,13 +153,13 @@ class Generation:
                 [self.encode_prompt(inputs.generated_prompts(chains[k], requests[k]), chains[k].size) for k in order]
             ),
             contexts=inputs.stacked([self.contexts(chains[k]) for k in order]),
-            reference=group.reference if mode == "keep" else None,
+            reference=reference,
             region=np.stack([regions[k] for k in order]),
             settings=config.as_arrays(),
             timesteps=jnp.asarray(chains[0].timesteps),
             control=control,
         )
-        steps = chains[0].num_inference_steps * self.mesh.size * (len(order) // rows)
+        steps = chains[0].num_inference_steps * self.mesh.size  # every device ticks each step once
         label = "generation (traces)" if return_traces else "generation"
         args = (self.params["unet"], parallel.place(batch, mesh))
         statics = {"mesh": mesh, "return_traces": return_traces}
@@ -183,3 +178,17 @@ class Generation:
             ]
         results = functools.partial(inputs.in_form, output_type=output_type, decode=self.decode)
         return inputs.outputs(requests, np.asarray(final), starts, mode, results, traced)
+
+    def _group_features(self, group: ExemplarGroup, order: np.ndarray, show: bool) -> Any:
+        """The group's features stacked in `order`, from one reference pass on first use.
+
+        A chain generated alone keeps its own features (`InversionChain.reference`) for later calls.
+        """
+        chains = group.chains
+        if len(order) == 1:
+            if chains[0].reference is None:
+                chains[0].reference = inputs.entry(self._reference_many(chains, show), 0)
+            return inputs.stacked([chains[0].reference])
+        if group.reference is None or group.reference.eps.shape[0] != len(order):
+            group.reference = self._reference_many([chains[k] for k in order], show)
+        return group.reference

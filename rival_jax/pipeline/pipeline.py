@@ -136,9 +136,16 @@ class RivalPipeline(Generation):
         return self.prompts(self.params, prompts, size)
 
     def _run(
-        self, label: str, function: Any, args: tuple, steps: int = 1, show: bool = False, donate=(), **statics: Any
+        self,
+        label: str,
+        function: Any,
+        args: tuple,
+        steps: int = 1,
+        show: bool = False,
+        donate: tuple[str, ...] = (),
+        **statics: Any,
     ) -> Any:
-        """Run program `function` with the pipeline's statics, `statics` replaced, through `executables`."""
+        """Run program `function` with the pipeline's statics (`statics` replaced) through `executables`."""
         program = Program(function, dataclasses.replace(self.statics, **statics), donate)
         return self.executables.run(label, program, steps, show, args)
 

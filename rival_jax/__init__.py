@@ -6,8 +6,7 @@ from pathlib import Path
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.options import RunOptions
-from rival_jax.outputs import InversionChain, RivalOutput
-from rival_jax.pipeline import RandomWeightsWarning, RivalPipeline
+from rival_jax.pipeline import ExemplarGroup, InversionChain, RandomWeightsWarning, Request, RivalOutput, RivalPipeline
 
 
 def example_image() -> Path:
@@ -22,8 +21,10 @@ def example_image() -> Path:
 
 
 __all__ = [
+    "ExemplarGroup",
     "InversionChain",
     "RandomWeightsWarning",
+    "Request",
     "RivalConfig",
     "RivalError",
     "RivalOutput",

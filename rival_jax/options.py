@@ -79,7 +79,7 @@ class RunOptions:
             folder or hub id of the same family that supplies configs, scheduler and tokenizers.
         controlnet: ControlNet folders or hub ids (one, or a list for several) whose residuals steer
             the generated images (SD 1.x/2.x).
-        exemplar_batch: how many exemplars a job inverts, passes and generates together (`multi`);
+        exemplar_batch: how many exemplars a job inverts, passes and generates together (`RivalPipeline.generate_many`);
             None = one per local device. Rows are batched only with rows of the same image size,
             steps, prompt contexts and settings.
 

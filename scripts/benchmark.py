@@ -24,8 +24,7 @@ analysis of the sharded programs on D host devices; no accelerator, no weights):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
+import dataclasses
 import os
 import subprocess
 import sys
@@ -36,15 +35,14 @@ import jax
 import jax.numpy as jnp
 
 from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions, example_image
-from rival_jax.cli import FAMILIES
 from rival_jax.core import parallel
-from rival_jax.core.attention import own_reference
-from rival_jax.core.ddim import DDIMSchedule, ddim_step
 from rival_jax.core.reference import reference_batches
 from rival_jax.core.sampler import GenerationInputs
-from rival_jax.core.unet import Conditioning, unet_output
+from rival_jax.models.families import FAMILIES
 from rival_jax.models.random_models import random_full_models
-from rival_jax.options import FIELDS, add_run_option_arguments, resolve_dtype
+from rival_jax.options import FIELDS, add_arguments, resolve_dtype
+from rival_jax.pipeline import programs
+from rival_jax.pipeline.inputs import entry
 
 # `--stages`: the RivalConfig switches that put every step in one attention stage (AdaIN off).
 STAGES = {
@@ -54,40 +52,7 @@ STAGES = {
 }
 
 
-def plain_generate(
-    unet: Any,
-    kernel: str | None,
-    guidance: float,
-    params: Any,
-    schedule: DDIMSchedule,
-    start: jnp.ndarray,
-    conditioning: Conditioning,
-    timesteps: jnp.ndarray,
-) -> jnp.ndarray:
-    """Plain text-to-image from `start` (N, 4, h, w): CFG + DDIM, as diffusers' Flax SD and SDXL pipelines.
-
-    conditioning: [negative prompt, prompt]. The raw UNet output is turned into noise
-    (`schedule.epsilon`, v-prediction for SD 2.x 768) before guidance, which is the same since both
-    are linear. kernel: None for diffusers' own self-attention, else the injected layers' kernel
-    ("xla" or "cudnn") computes every self-attention layer (like-for-like baseline).
-    """
-    count, stride = start.shape[0], schedule.stride(timesteps.shape[0])
-    batch_cond = conditioning.repeat(count)
-
-    def step(x: jnp.ndarray, t: jnp.ndarray) -> tuple[jnp.ndarray, None]:
-        latents = jnp.concatenate([x, x])
-        with own_reference(kernel) if kernel else contextlib.nullcontext():
-            output = unet_output(unet, params, latents, t, batch_cond)
-        alpha = schedule.alpha(t)
-        eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
-        eps_uncond, eps_cond = jnp.split(eps, 2)
-        guided = eps_uncond + guidance * (eps_cond - eps_uncond)
-        return ddim_step(x, guided, alpha, schedule.alpha(t - stride)).astype(x.dtype), None
-
-    return jax.lax.scan(step, start, timesteps)[0]
-
-
-class Program:
+class Timed:
     """One jit-compiled program: its compile time, the memory XLA assigned it, its fastest run."""
 
     def __init__(self, function: Any, *args: Any) -> None:
@@ -146,7 +111,7 @@ def parse_arguments() -> argparse.Namespace:
         "--model", default="tiny", help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl"
     )
     source.add_argument("--family", choices=FAMILIES, help="full SD 1.5/2.1/SDXL base architecture, random weights")
-    add_run_option_arguments(parser)
+    add_arguments(parser, RunOptions)
     parser.add_argument("--steps", type=positive, default=10)
     parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
@@ -191,14 +156,15 @@ def main() -> None:
     print(f"model: {models.path} ({models.family}, {weights}); ", end="")
     print(f"device: {device.device_kind} ({device.platform}) x {pipe.mesh.size}; dtype {pipe.dtype.__name__}")
 
-    params, schedule = pipe.params["unet"], models.schedule
-    timesteps = schedule.timesteps(args.steps)
+    params = pipe.params["unet"]
+    timesteps = models.schedule.timesteps(args.steps)
     pixels, x0, source_size = pipe.encode_image(str(example_image()))
     size = (pixels.shape[1], pixels.shape[0])
-    inversion_args = (params, schedule, x0, pipe.encode_prompt([args.prompt], size), jnp.asarray(timesteps))
-    inversion = Program(pipe.programs.inversion(), *inversion_args)
+    one_device = dataclasses.replace(pipe.statics, mesh=parallel.sub_mesh(pipe.mesh, 1))
+    exemplar = programs.InversionInputs(x0[None], pipe.encode_prompt([args.prompt], size), jnp.asarray(timesteps))
+    inversion = Timed(programs.Program(programs.inversion, one_device)(False), params, exemplar)
     for _ in range(args.repeats):
-        chain = InversionChain(inversion.run(), timesteps, args.prompt, pixels, source_size)
+        chain = InversionChain(inversion.run()[0], timesteps, args.prompt, pixels, source_size)
     latent_height, latent_width = chain.latents.shape[-2:]
     print(f"image {size[0]}x{size[1]} (latent {latent_width}x{latent_height}), {args.steps} steps, ", end="")
     print(f"exemplar prompt {args.prompt!r}, guidance {args.guidance}, attention {options.attention}")
@@ -209,10 +175,10 @@ def main() -> None:
     print(f"{pipe.reference_feature_bytes(chain) / 2**30:.3f} GiB", end="")
     exemplar_programs = {"inversion": inversion}
     if mode == "keep":
-        reference_args = (params, schedule, chain.latents, contexts, jnp.asarray(timesteps))
-        reference = Program(pipe.programs.reference(), *reference_args)
+        passes = programs.ReferenceInputs(chain.latents[None], contexts, jnp.asarray(timesteps))
+        reference = Timed(programs.Program(programs.reference, pipe.statics)(False), params, passes)
         for _ in range(args.repeats):
-            chain.reference = reference.run()
+            chain.reference = entry(reference.run(), 0)
         exemplar_programs["reference pass"] = reference
         batches, per_batch = reference_batches(args.steps * contexts.size, options.reference_batch_size)
         exemplar_evals = batches * per_batch
@@ -227,26 +193,35 @@ def main() -> None:
     conditioning = pipe.encode_prompt(["", args.prompt], size)
     rows, memory = [], []
     for count in args.counts:
-        length = parallel.padded_length(count, pipe.mesh)
+        mesh = parallel.exemplar_mesh(pipe.mesh, 1, count)
+        length = parallel.padded_length(count, pipe.mesh.size)
         noise = jax.random.normal(jax.random.PRNGKey(0), (length, *chain.latents.shape[1:]))
-        start = jax.device_put(noise, parallel.batch_sharding(pipe.mesh))
-        plain_args = (params, schedule, start, conditioning, jnp.asarray(timesteps))
+        guidance = jnp.float32(args.guidance)
+        plain_inputs = parallel.place(
+            programs.PlainInputs(noise, conditioning, jnp.asarray(timesteps), guidance), pipe.mesh
+        )
         plains = [
-            Program(functools.partial(plain_generate, models.unet, kernel, args.guidance), *plain_args)
+            Timed(
+                programs.Program(programs.plain, dataclasses.replace(pipe.statics, attention=kernel))(False),
+                params,
+                plain_inputs,
+            )
             for kernel in (None, options.attention)
         ]
+        one = jax.tree_util.tree_map(lambda x: x[None], (noise, chain.latents, conditioning, contexts, chain.reference))
         inputs = GenerationInputs(
-            start=start,
-            chain=chain.latents,
-            conditioning=conditioning,
-            contexts=contexts,
-            reference=chain.reference,
-            region=jnp.ones((latent_height, latent_width), bool),
+            start=one[0],
+            chain=one[1],
+            conditioning=one[2],
+            contexts=one[3],
+            reference=one[4],
+            region=jnp.ones((1, latent_height, latent_width), bool),
             settings=config.as_arrays(),
             timesteps=jnp.asarray(timesteps),
         )
-        per_variation, shared = parallel.split_per_variation(inputs)
-        generation = Program(pipe.programs.generation(), params, per_variation, shared)
+        inputs = parallel.place(inputs, mesh)
+        statics = dataclasses.replace(pipe.statics, mesh=mesh)
+        generation = Timed(programs.Program(programs.generation, statics)(False), params, inputs)
         for _ in range(args.repeats):
             for program in (*plains, generation):
                 program.run()
@@ -288,7 +263,7 @@ def main() -> None:
             generation.seconds = float("inf")
             settings = RivalConfig(guidance_scale=args.guidance, **switches).as_arrays()
             for _ in range(args.repeats):
-                generation.run(params, per_variation, {**shared, "settings": settings})
+                generation.run(params, inputs.replace(settings=settings))
             print(f"{stage:>12} | {generation.seconds / plains[1].seconds:.3f}")
 
 

@@ -42,25 +42,24 @@ ARGS = parse_arguments() if __name__ == "__main__" else None
 if ARGS is not None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ARGS.devices}"
 
-import functools  # noqa: E402
+import dataclasses  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import PartitionSpec  # noqa: E402
 
 from rival_jax.config import RivalConfig  # noqa: E402
 from rival_jax.core import attention, parallel  # noqa: E402
 from rival_jax.core.ddim import DDIMSchedule  # noqa: E402
-from rival_jax.core.inversion import invert  # noqa: E402
-from rival_jax.core.reference import reference_batches, reference_pass, reference_pass_many  # noqa: E402
-from rival_jax.core.sampler import GenerationInputs, aligned_generate, aligned_generate_many  # noqa: E402
+from rival_jax.core.reference import reference_batches  # noqa: E402
+from rival_jax.core.sampler import GenerationInputs  # noqa: E402
 from rival_jax.core.unet import Conditioning  # noqa: E402
 from rival_jax.models.architectures import FULL, TINY  # noqa: E402
 from rival_jax.models.checkpoints import params_layout  # noqa: E402
+from rival_jax.pipeline import programs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import plain_generate, table  # noqa: E402
+from benchmark import table  # noqa: E402
 
 
 class Costs:
@@ -79,6 +78,8 @@ class Costs:
         self.latent = (4, side, side)
         self.text_dim = self.unet.config.cross_attention_dim
         self.mesh = parallel.local_mesh()
+        modules = programs.Modules(self.unet, None, self.schedule, jnp.float32)
+        self.statics = programs.Statics(modules, self.mesh, reference_batch_size=self.batch)
         self.xl = self.unet.config.addition_embed_type == "text_time"
         attention.QUERY_BLOCK = 1 << 30  # one query block: the same FLOPs, no loop counted once
 
@@ -96,85 +97,57 @@ class Costs:
     def latents(self, *leading: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((*leading, *self.latent), jnp.float32)
 
-    @staticmethod
-    def measure(function: Any, *args: Any) -> tuple[float, float]:
-        """(FLOPs, bytes accessed) per device of one pass of the compiled program."""
-        analysis = jax.jit(function).lower(*args).compile().cost_analysis()
+    def measure(self, function: Any, inputs: Any, **statics: Any) -> tuple[float, float]:
+        """(FLOPs, bytes accessed) per device of one pass of program `function` on `inputs`, compiled."""
+        program = programs.Program(function, dataclasses.replace(self.statics, **statics))(False)
+        analysis = jax.jit(program).lower(self.params, inputs).compile().cost_analysis()
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         return float(analysis["flops"]), float(analysis["bytes accessed"])
 
     def inversion(self, exemplars: int) -> tuple[float, float]:
         used, per_device = parallel.spread(exemplars, self.mesh.size)
-        mesh = parallel.sub_mesh(self.mesh, used)
-        program = parallel.over_items(functools.partial(invert, self.unet), mesh, (False, False, True, True, False))
-        x0, cond = self.latents(used * per_device), self.cond(used * per_device)
-        flops, bytes_ = self.measure(program, self.params, self.schedule, x0, cond, self.timesteps)
+        inputs = programs.InversionInputs(self.latents(used * per_device), self.cond(used * per_device), self.timesteps)
+        flops, bytes_ = self.measure(programs.inversion, inputs, mesh=parallel.sub_mesh(self.mesh, used))
         return flops * self.steps, bytes_ * self.steps
 
     def reference(self, exemplars: int) -> tuple[float, float]:
         per_device = parallel.spread(exemplars * self.steps * self.contexts, self.mesh.size)[1]
         batches = reference_batches(per_device, self.batch)[0]
-        program = functools.partial(reference_pass_many, self.unet, batch_size=self.batch, mesh=self.mesh)
-        chains = self.latents(exemplars, self.steps + 1)
-        flops, bytes_ = self.measure(
-            program, self.params, self.schedule, chains, self.cond(exemplars * self.contexts), self.timesteps
+        inputs = programs.ReferenceInputs(
+            self.latents(exemplars, self.steps + 1), self.cond(exemplars * self.contexts), self.timesteps
         )
+        flops, bytes_ = self.measure(programs.reference, inputs)
         return flops * batches, bytes_ * batches
 
-    def features(self) -> Any:
-        program = functools.partial(reference_pass, self.unet)
-        args = (self.params, self.schedule, self.latents(self.steps + 1), self.cond(self.contexts), self.timesteps)
-        return jax.eval_shape(program, *args)
+    def features(self, exemplars: int) -> Any:
+        program = programs.Program(programs.reference, self.statics)(False)
+        inputs = programs.ReferenceInputs(
+            self.latents(exemplars, self.steps + 1), self.cond(exemplars * self.contexts), self.timesteps
+        )
+        return jax.eval_shape(program, self.params, inputs)
 
-    def inputs(self, start: Any, leading: tuple[int, ...] = ()) -> GenerationInputs:
-        features = self.features()
-        if leading:
-            features = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((*leading, *x.shape), x.dtype), features)
-        return GenerationInputs(
-            start=start,
-            chain=self.latents(*leading, self.steps + 1),
-            conditioning=self.cond(*leading, 2),
-            contexts=self.cond(*leading, self.contexts),
-            reference=features,
-            region=jax.ShapeDtypeStruct((*leading, *self.latent[1:]), jnp.bool_),
+    def generation(self, exemplars: int, variations: int) -> tuple[float, float]:
+        """E exemplars' variations on their `exemplar_mesh` (one exemplar: one row)."""
+        mesh = parallel.exemplar_mesh(self.mesh, exemplars, variations)
+        rows, columns = mesh.devices.shape
+        padded = parallel.padded_length(exemplars, rows)
+        inputs = GenerationInputs(
+            start=self.latents(padded, parallel.padded_length(variations, columns)),
+            chain=self.latents(padded, self.steps + 1),
+            conditioning=self.cond(padded, 2),
+            contexts=self.cond(padded, self.contexts),
+            reference=self.features(padded),
+            region=jax.ShapeDtypeStruct((padded, *self.latent[1:]), jnp.bool_),
             settings=RivalConfig().as_arrays(),
             timesteps=self.timesteps,
         )
-
-    def generation(self, variations: int) -> tuple[float, float]:
-        def generate(params: Any, inputs: GenerationInputs) -> jax.Array:
-            return aligned_generate(self.unet, params, self.schedule, inputs)
-
-        program = parallel.over_variations(generate, self.mesh, GenerationInputs)
-        start = self.latents(parallel.padded_length(variations, self.mesh))
-        per_variation, shared = parallel.split_per_variation(self.inputs(start))
-        flops, bytes_ = self.measure(program, self.params, per_variation, shared)
-        return flops * self.steps, bytes_ * self.steps
-
-    def generation_many(self, exemplars: int, variations: int) -> tuple[float, float]:
-        mesh = parallel.exemplar_mesh(self.mesh, exemplars, variations)
-        rows, columns = mesh.devices.shape
-
-        def generate(params: Any, inputs: GenerationInputs) -> jax.Array:
-            return aligned_generate_many(self.unet, params, self.schedule, inputs)
-
-        program = parallel.over_exemplars(generate, mesh, GenerationInputs)
-        padded = (-(-exemplars // rows) * rows,)
-        start = self.latents(*padded, -(-variations // columns) * columns)
-        inputs = self.inputs(start, padded)
-        shared = {name: getattr(inputs, name) for name in ("settings", "timesteps", "control")}
-        per_exemplar = {name: getattr(inputs, name) for name in GenerationInputs.PER_EXEMPLAR}
-        flops, bytes_ = self.measure(program, self.params, per_exemplar, shared)
+        flops, bytes_ = self.measure(programs.generation, inputs, mesh=mesh)
         return flops * self.steps, bytes_ * self.steps
 
     def plain(self, images: int) -> tuple[float, float]:
-        generate = functools.partial(plain_generate, self.unet, None, 7.0)
-        specs = (PartitionSpec(), PartitionSpec(), PartitionSpec(parallel.DATA), PartitionSpec(), PartitionSpec())
-        program = jax.shard_map(
-            generate, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(parallel.DATA), check_vma=False
-        )
-        start = self.latents(parallel.padded_length(images, self.mesh))
-        flops, bytes_ = self.measure(program, self.params, self.schedule, start, self.cond(2), self.timesteps)
+        start = self.latents(parallel.padded_length(images, self.mesh.size))
+        inputs = programs.PlainInputs(start, self.cond(2), self.timesteps, jnp.float32(7.0))
+        flops, bytes_ = self.measure(programs.plain, inputs)
         return flops * self.steps, bytes_ * self.steps
 
 
@@ -187,8 +160,7 @@ def main(args: argparse.Namespace) -> None:
     rows = []
     for exemplars, variations in cases:
         inversion, reference = costs.inversion(exemplars), costs.reference(exemplars)
-        many = exemplars > 1
-        generation = costs.generation_many(exemplars, variations) if many else costs.generation(variations)
+        generation = costs.generation(exemplars, variations)
         plain = costs.plain(exemplars * variations)
         rival = [inversion[k] + reference[k] + generation[k] for k in (0, 1)]
         rows.append(

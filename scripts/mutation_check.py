@@ -128,7 +128,7 @@ MUTATIONS = (
     ),
     _switch_ignored(
         "latent_alignment",
-        "if not config.latent_alignment:",
+        "if not latent_alignment:",
         "if False:",
     ),
     _switch_ignored(

@@ -8,6 +8,7 @@ Each test records its figure with `record_property("figure", ...)` for that tabl
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from jax.sharding import Mesh
 
 from rival_jax import RivalPipeline
 from rival_jax.core import attention, parallel
+from rival_jax.pipeline import programs
 
 ON_CPU = jax.default_backend() == "cpu"
 pytestmark = [
@@ -131,12 +133,16 @@ def test_benchmark_memory_figures_fit_the_device(tiny_pipe, float32_run, record_
     pipe, params = tiny_pipe, tiny_pipe.params["unet"]
     timesteps = jnp.asarray(chain.timesteps)
     conditioning = pipe.encode_prompt([PROMPT], chain.size)
-    inversion = benchmark.Program(
-        pipe.programs.inversion(), params, pipe.models.schedule, chain.latents[0], conditioning, timesteps
+    one_device = dataclasses.replace(pipe.statics, mesh=parallel.sub_mesh(pipe.mesh, 1))
+    inversion = benchmark.Timed(
+        programs.Program(programs.inversion, one_device)(False),
+        params,
+        programs.InversionInputs(chain.latents[:1], conditioning, timesteps),
     )
-    contexts = pipe.contexts(chain)
-    reference = benchmark.Program(
-        pipe.programs.reference(), params, pipe.models.schedule, chain.latents, contexts, timesteps
+    reference = benchmark.Timed(
+        programs.Program(programs.reference, pipe.statics)(False),
+        params,
+        programs.ReferenceInputs(chain.latents[None], pipe.contexts(chain), timesteps),
     )
     param_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
     limit = parallel.device_memory_bytes()

@@ -171,16 +171,20 @@ def test_shuffle_within_region_keeps_outside_and_permutes_inside():
     assert not np.array_equal(out[:, region], x[:, region])
 
 
+def _init(config: RivalConfig) -> dict:
+    return {"latent_init": config.latent_init, "latent_alignment": config.latent_alignment}
+
+
 def test_start_latents_depend_on_seed_and_index_only():
     x_t = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8))
     region = jnp.ones((8, 8), bool)
     key = jax.random.PRNGKey(7)
     for config in (RivalConfig(), RivalConfig(latent_init="adaptive_gaussian"), RivalConfig(latent_alignment=False)):
-        four = start_latents(key, jnp.arange(4), x_t, region, config)
+        four = start_latents(key, jnp.arange(4), x_t, region, **_init(config))
         chex.assert_shape(four, (4, 4, 8, 8))
-        np.testing.assert_array_equal(four[2], start_latents(key, jnp.array([2]), x_t, region, config)[0])
+        np.testing.assert_array_equal(four[2], start_latents(key, jnp.array([2]), x_t, region, **_init(config))[0])
         assert not np.allclose(four[0], four[1])
-    exemplar = start_latents(key, jnp.arange(2), x_t, region, RivalConfig(latent_init="exemplar"))
+    exemplar = start_latents(key, jnp.arange(2), x_t, region, **_init(RivalConfig(latent_init="exemplar")))
     np.testing.assert_array_equal(exemplar, jnp.stack([x_t, x_t]))
 
 
@@ -193,7 +197,7 @@ def test_adaptive_gaussian_matches_channel_statistics():
         jnp.arange(1),
         x_t,
         jnp.ones((64, 64), bool),
-        RivalConfig(latent_init="adaptive_gaussian"),
+        **_init(RivalConfig(latent_init="adaptive_gaussian")),
     )[0]
     np.testing.assert_allclose(out.mean(axis=(1, 2)), x_t.mean(axis=(1, 2)), atol=0.05)
     np.testing.assert_allclose(out.std(axis=(1, 2)), x_t.std(axis=(1, 2)), rtol=0.05)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -175,6 +177,7 @@ def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
     """XLA's buffer assignment: no step copies the whole chain or the reference features."""
     from rival_jax.core import parallel
     from rival_jax.core.sampler import GenerationInputs
+    from rival_jax.pipeline import programs
 
     size = 16
     contexts = tiny_pipe.encode_prompt(["", "a cat"], (128, 128))
@@ -183,21 +186,24 @@ def test_generation_memory_does_not_grow_with_steps(tiny_pipe):
         def shaped(shape, dtype=jnp.float32):
             return jax.ShapeDtypeStruct(shape, dtype)
 
-        chain, timesteps = shaped((steps + 1, 4, size, size)), shaped((steps,), jnp.int32)
-        unet, schedule = tiny_pipe.params["unet"], tiny_pipe.models.schedule
-        reference = jax.eval_shape(tiny_pipe.programs.reference(), unet, schedule, chain, contexts, timesteps)
+        chain, timesteps = shaped((1, steps + 1, 4, size, size)), shaped((steps,), jnp.int32)
+        unet, statics = tiny_pipe.params["unet"], tiny_pipe.statics
+        reference_program = programs.Program(programs.reference, statics)(report_progress=False)
+        reference = jax.eval_shape(reference_program, unet, programs.ReferenceInputs(chain, contexts, timesteps))
+        stacked = jax.tree_util.tree_map(lambda x: x[None], contexts)
         inputs = GenerationInputs(
-            start=shaped((2, 4, size, size)),
+            start=shaped((1, 2, 4, size, size)),
             chain=chain,
-            conditioning=contexts,
-            contexts=contexts,
+            conditioning=stacked,
+            contexts=stacked,
             reference=reference,
-            region=shaped((size, size), bool),
+            region=shaped((1, size, size), bool),
             settings=RivalConfig().as_arrays(),
             timesteps=timesteps,
         )
-        arguments = (unet, *parallel.split_per_variation(inputs))
-        analysis = jax.jit(tiny_pipe.programs.generation()).lower(*arguments).compile().memory_analysis()
+        mesh = parallel.exemplar_mesh(tiny_pipe.mesh, 1, 2)
+        program = programs.Program(programs.generation, dataclasses.replace(statics, mesh=mesh))(report_progress=False)
+        analysis = jax.jit(program).lower(unet, inputs).compile().memory_analysis()
         return analysis.temp_size_in_bytes, reference.nbytes
 
     (temp_few, features_few), (temp_many, features_many) = memory(4), memory(40)

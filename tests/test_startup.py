@@ -19,7 +19,7 @@ from PIL import Image
 import rival_jax
 from rival_jax import RandomWeightsWarning, RivalPipeline, progress, runtime
 from rival_jax.cli import main
-from rival_jax.executables import Executables
+from rival_jax.pipeline.programs import Executables
 
 
 def _counting_program(ticks: bool):

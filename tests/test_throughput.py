@@ -33,7 +33,7 @@ EIGHT_DEVICES = textwrap.dedent(
     from rival_jax.core.reference import reference_pass
     from rival_jax.jobs.augment import run_augment
     from rival_jax.jobs.manifest import read_rows
-    from rival_jax.multi import ExemplarGroup, Request, generate_many, invert_many
+    from rival_jax.pipeline import ExemplarGroup, Request
     from rival_jax.models.loading import load_models
     checkpoint, manifest, output, result = sys.argv[1:]
     pipe = RivalPipeline(load_models(checkpoint, np.float32, None), RunOptions(resolution=64))
@@ -47,10 +47,10 @@ EIGHT_DEVICES = textwrap.dedent(
     reference = [float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
                  for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(single))]
     exemplars = [str(row.image) for row in rows]
-    chains = invert_many(pipe, exemplars, [row.settings["inversion_prompt"] for row in rows], 2)
+    chains = pipe.invert_many(exemplars, [row.settings["inversion_prompt"] for row in rows], 2)
     requests = [Request([1, 0], r.settings["seed"], r.settings["prompt"], r.settings["negative_prompt"]) for r in rows]
     group = ExemplarGroup(chains)
-    together = generate_many(pipe, group, requests, output_type="latent", batch_size=2, exemplar_count=8)
+    together = pipe.generate_many(group, requests, output_type="latent", batch_size=2, exemplar_count=8)
     alone = [pipe.generate(pipe.invert(e, r.settings["inversion_prompt"], 2), variation_indices=[1, 0], seed=q.seed,
                            prompt=q.prompt, negative_prompt=q.negative_prompt, output_type="latent")
              for e, r, q in zip(exemplars, rows, requests)]
@@ -132,13 +132,7 @@ def test_eight_devices_split_the_reference_pass_and_batch_exemplars_to_the_same_
 
 def test_exemplar_layout_keeps_the_busiest_device_least_loaded():
     """8 devices: one exemplar spreads its variations, eight take a device each, three of 16 share all devices."""
-    assert [exemplar_rows(8, e, n) for e, n in ((1, 16), (8, 16), (2, 16), (3, 16), (3, 2), (16, 4))] == [
-        1,
-        8,
-        2,
-        1,
-        4,
-        8,
-    ]
+    cases = ((1, 16), (8, 16), (2, 16), (3, 16), (3, 2), (16, 4), (1, 1))
+    assert [exemplar_rows(8, e, n) for e, n in cases] == [1, 8, 2, 1, 4, 8, 1]  # one exemplar: never padded
     assert exemplar_rows(1, 5, 3) == 1
     assert spread(6, 8) == (6, 1) and spread(100, 8) == (8, 13) and spread(10, 8) == (5, 2)

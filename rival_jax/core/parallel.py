@@ -1,22 +1,20 @@
-"""Device and host parallelism, kept in one place.
+"""Device parallelism, kept in one place: meshes, how each program's inputs are split, padding.
 
-- Within a process, variations of one exemplar are data-parallel over a 1-D mesh of the local
-  devices (`jax.shard_map`): each device denoises its slice of the variations against a
-  replicated copy of the exemplar's reference features, with no communication between devices.
-- Several exemplars at once use a 2-D mesh ("exemplars", "data") of the same devices
+- Variations of E exemplars are denoised on a 2-D mesh ("exemplars", "data") of the local devices
   (`exemplar_mesh`): each row of devices holds its exemplars' chains and features and denoises its
-  slice of their variations. Independent evaluations (the reference pass's steps, several
-  exemplars' inversions) are split evenly over the devices (`spread`, `over_items`).
-- Across processes (TPU pod hosts, multi-node GPU), `jax.distributed` names each process; each
-  takes its own contiguous block of the work (`process_share`) and writes its own files.
+  slice of their variations, with no communication between devices. One exemplar is one row.
+- Independent evaluations (several exemplars' inversions, the reference pass's steps) are split
+  evenly over the devices (`spread`).
+- What is split is declared by the inputs' struct: its `SPLIT` class variable names, per field, the
+  mesh axes its leading dimensions are split over; every other field is replicated (`sharded`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
 EXEMPLARS = "exemplars"
-T = TypeVar("T")
 
 
 def local_mesh() -> Mesh:
@@ -32,22 +29,23 @@ def local_mesh() -> Mesh:
     return Mesh(np.array(jax.local_devices()), (DATA,))
 
 
-def padded_length(count: int, mesh: Mesh) -> int:
-    """The smallest multiple of the device count that holds `count` items."""
-    return -(-count // mesh.size) * mesh.size
+def padded_length(count: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that holds `count` items.
+
+    >>> padded_length(5, 8)
+    8
+    """
+    return -(-count // multiple) * multiple
 
 
 def pad_to(items: np.ndarray, length: int) -> np.ndarray:
-    """Pad along axis 0 by repeating the last item (the padding is computed, then dropped)."""
-    return (
-        np.concatenate([items, np.repeat(items[-1:], length - items.shape[0], axis=0)])
-        if length > len(items)
-        else items
-    )
+    """Pad along axis 0 to `length` by repeating the last item (the padding is computed, then dropped).
 
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA))
+    >>> pad_to(np.arange(3), 5)
+    array([0, 1, 2, 2, 2])
+    """
+    items = np.asarray(items)
+    return np.concatenate([items, np.repeat(items[-1:], length - len(items), axis=0)]) if length > len(items) else items
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -65,25 +63,20 @@ def sub_mesh(mesh: Mesh, count: int) -> Mesh:
     return Mesh(np.array(mesh.devices.flat[:count]), (DATA,))
 
 
-def over_items(fn: Callable[..., Any], mesh: Mesh, sharded: tuple[bool, ...]) -> Callable[..., Any]:
-    """`fn(*args)` per device on its block of the arguments marked in `sharded` (axis 0, over every mesh axis).
-
-    The other arguments (params, schedule, ...) are replicated; outputs come back split along axis 0.
-    """
-    every = PartitionSpec(mesh.axis_names)
-    specs = tuple(every if split else PartitionSpec() for split in sharded)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=every, check_vma=False)
-
-
 def exemplar_rows(devices: int, exemplars: int, variations: int) -> int:
     """Rows of an `exemplar_mesh` of `devices` for `exemplars` x `variations` generated entries.
 
     Of the divisors r of `devices`, the one whose busiest device denoises the fewest entries
-    (ceil(E / r) * ceil(N / (devices / r))); ties go to more rows, so each device keeps fewer
-    exemplars' features.
+    (ceil(E / r) * ceil(N / (devices / r))); ties go to the fewest padded exemplars, then to more
+    rows, so each device keeps fewer exemplars' features.
     """
     divisors = [r for r in range(1, devices + 1) if devices % r == 0]
-    return min(divisors, key=lambda r: (-(-exemplars // r) * -(-variations // (devices // r)), -r))
+
+    def cost(rows: int) -> tuple[int, int, int]:
+        busiest = -(-exemplars // rows) * -(-variations // (devices // rows))
+        return busiest, padded_length(exemplars, rows) - exemplars, -rows
+
+    return min(divisors, key=cost)
 
 
 def exemplar_mesh(mesh: Mesh, exemplars: int, variations: int) -> Mesh:
@@ -92,54 +85,34 @@ def exemplar_mesh(mesh: Mesh, exemplars: int, variations: int) -> Mesh:
     return Mesh(mesh.devices.reshape(rows, mesh.size // rows), (EXEMPLARS, DATA))
 
 
-def per_exemplar_sharding(mesh: Mesh, variations: bool = False) -> NamedSharding:
-    """Split over the exemplar rows (axis 0); with `variations`, axis 1 over the columns too."""
-    return NamedSharding(mesh, PartitionSpec(EXEMPLARS, DATA) if variations else PartitionSpec(EXEMPLARS))
+def field_specs(inputs: Any) -> Any:
+    """The struct `inputs` with each field replaced by its `PartitionSpec`: its `SPLIT` axes, else replicated."""
+    split = getattr(type(inputs), "SPLIT", {})
+    names = [f.name for f in dataclasses.fields(inputs) if f.metadata.get("pytree_node", True)]
+    return inputs.replace(**{name: PartitionSpec(*split.get(name, ())) for name in names})
 
 
-def split_per_variation(inputs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A struct's fields named in its `PER_VARIATION` and the rest, as two dicts of field name -> value."""
-    fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
-    per_variation = {name: fields.pop(name) for name in inputs.PER_VARIATION}
-    return per_variation, fields
+def place(inputs: Any, mesh: Mesh) -> Any:
+    """`inputs` on the devices of `mesh` as `sharded` splits them (so the program moves nothing first)."""
+    shardings = jax.tree_util.tree_map(
+        lambda spec: NamedSharding(mesh, spec), field_specs(inputs), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    return jax.device_put(inputs, shardings)
 
 
-def over_variations(fn: Callable[[Any, Any], Any], mesh: Mesh, inputs_type: type) -> Callable[..., Any]:
-    """`fn(params, inputs)` per device on its slice of the inputs' `PER_VARIATION` fields (axis 0).
+def sharded(fn: Callable[[Any, Any], Any], mesh: Mesh, out_axes: tuple[str, ...]) -> Callable[[Any, Any], Any]:
+    """`fn(params, inputs)` per device of `mesh` on its block of each field that `inputs`' struct splits.
 
-    The returned function takes `(params, per_variation, shared)` from `split_per_variation`, so a
-    `jit` around it can donate the per-variation fields alone; params and shared fields are replicated.
+    params and the other fields are replicated; the output comes back split over `out_axes` (leading
+    dimensions, as the fields are split).
+
+    >>> program = sharded(lambda params, inputs: inputs.x * params, mesh, (DATA,))  # SPLIT = {"x": (DATA,)}
     """
 
-    def run(params: Any, per_variation: dict[str, Any], shared: dict[str, Any]) -> Any:
-        return fn(params, inputs_type(**per_variation, **shared))
-
-    specs = (PartitionSpec(), PartitionSpec(DATA), PartitionSpec())
-    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(DATA), check_vma=False)
-
-
-def over_exemplars(fn: Callable[[Any, Any], Any], mesh: Mesh, inputs_type: type) -> Callable[..., Any]:
-    """`fn(params, inputs)` per device of an `exemplar_mesh` on its exemplars and its slice of their variations.
-
-    Takes `(params, per_exemplar, shared)`: the struct's `PER_EXEMPLAR` fields (axis 0: exemplars;
-    `PER_VARIATION` fields also axis 1: variations) and the rest, replicated. Output (E, N, ...).
-    """
-
-    def run(params: Any, per_exemplar: dict[str, Any], shared: dict[str, Any]) -> Any:
-        return fn(params, inputs_type(**per_exemplar, **shared))
-
-    def specs(per_exemplar: dict[str, Any]) -> dict[str, PartitionSpec]:
-        return {
-            name: PartitionSpec(EXEMPLARS, DATA) if name in inputs_type.PER_VARIATION else PartitionSpec(EXEMPLARS)
-            for name in per_exemplar
-        }
-
-    def program(params: Any, per_exemplar: dict[str, Any], shared: dict[str, Any]) -> Any:
-        in_specs = (PartitionSpec(), specs(per_exemplar), PartitionSpec())
-        out_specs = PartitionSpec(EXEMPLARS, DATA)
-        return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
-            params, per_exemplar, shared
-        )
+    def program(params: Any, inputs: Any) -> Any:
+        specs = (PartitionSpec(), field_specs(inputs))
+        out = PartitionSpec(*out_axes)
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(params, inputs)
 
     return program
 
@@ -153,28 +126,3 @@ def device_memory_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> tuple[int, int]:
-    """Join a multi-process run via `jax.distributed` and return (process_index, process_count).
-
-    On TPU pods and SLURM/Open MPI clusters all three arguments are detected automatically.
-    """
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        local_device_ids=None,
-    )
-    return jax.process_index(), jax.process_count()
-
-
-def process_share(items: Sequence[T], process_index: int, process_count: int) -> list[T]:
-    """Block `process_index` of `process_count` nearly equal contiguous blocks of `items`.
-
-    Contiguous blocks keep an exemplar's variations on few processes, so few processes invert it.
-    """
-    start = len(items) * process_index // process_count
-    return list(items[start : len(items) * (process_index + 1) // process_count])

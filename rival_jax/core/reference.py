@@ -10,7 +10,7 @@ features' size against the device's memory. See docs/method.md, "Reference modes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from rival_jax import progress
 from rival_jax.core import parallel
 from rival_jax.core.ddim import DDIMSchedule
+from rival_jax.core.parallel import DATA
 from rival_jax.core.unet import Conditioning, unet_output_recording
 
 # `auto` keeps the features when they take at most this share of one device's memory.
@@ -47,7 +48,7 @@ class ReferenceFeatures:
 
 
 def reference_batches(items: int, batch_size: int) -> tuple[int, int]:
-    """(UNet batches, entries per batch) that `reference_pass` runs for `items` = steps x contexts evaluations.
+    """(UNet batches, entries per batch) that `reference_pass_many` runs for `items` = steps x contexts evaluations.
 
     The fewest batches of at most `batch_size`, as even as possible, so padding stays under one per batch.
     """
@@ -55,29 +56,18 @@ def reference_batches(items: int, batch_size: int) -> tuple[int, int]:
     return batches, -(-items // batches)
 
 
-def reference_pass(
-    unet: Any,
-    params: Any,
-    schedule: DDIMSchedule,
-    chain: jnp.ndarray,
-    contexts: Conditioning,
-    timesteps: jnp.ndarray,
-    batch_size: int = 8,
-    report_progress: bool = False,
-    mesh: Mesh | None = None,
-) -> ReferenceFeatures:
-    """Evaluate the exemplar at every generation step j on its stored latent x_{T-j}, for every context.
+@struct.dataclass
+class ReferenceItems:
+    """The reference pass's evaluations, one entry per (exemplar, step, context), split over the devices.
 
-    `contexts` (C entries) condition [empty prompt, inversion prompt], or just one when equal. No
-    step depends on another, so the T*C evaluations run as UNet batches of up to `batch_size`
-    (static), each entry at its own timestep; with a `mesh` (static) they are split evenly over its
-    devices first. Padding repeats the last evaluation and is dropped.
-
-    >>> features = reference_pass(unet, params["unet"], schedule, chain, contexts, jnp.asarray(timesteps))
+    latents: (I, 4, h, w) each entry's chain latent; timesteps: (I,) its timestep; cond: its context.
     """
-    args = (chain[None], contexts, timesteps, batch_size, report_progress, mesh)
-    many = reference_pass_many(unet, params, schedule, *args)
-    return jax.tree_util.tree_map(lambda x: x[0], many)
+
+    SPLIT: ClassVar[dict[str, tuple[str, ...]]] = {"latents": (DATA,), "timesteps": (DATA,), "cond": (DATA,)}
+
+    latents: jnp.ndarray
+    timesteps: jnp.ndarray
+    cond: Conditioning
 
 
 def reference_pass_many(
@@ -87,40 +77,48 @@ def reference_pass_many(
     chains: jnp.ndarray,
     contexts: Conditioning,
     timesteps: jnp.ndarray,
+    *,
     batch_size: int = 8,
     report_progress: bool = False,
     mesh: Mesh | None = None,
 ) -> ReferenceFeatures:
-    """`reference_pass` of E exemplars together: chains (E, T+1, 4, h, w), contexts E*C entries exemplar-major.
+    """Evaluate each exemplar at every generation step j on its stored latent x_{T-j}, for every context.
 
-    Returns features with a leading exemplar axis: hidden {path: (E, T, C, L, D)}, eps (E, T, 4, h, w).
-    Every device evaluates ceil(E*T*C / devices) entries, in batches of up to `batch_size`.
+    chains (E, T+1, 4, h, w); contexts: E*C entries exemplar-major, each exemplar's [empty prompt,
+    inversion prompt] (or just one when equal). No step depends on another, so the E*T*C evaluations
+    run as UNet batches of up to `batch_size` (static), each entry at its own timestep; with a `mesh`
+    (static, axis "data") they are split evenly over its devices first. Padding repeats the last
+    evaluation and is dropped. `report_progress` (static) ticks every batch. Returns features with a
+    leading exemplar axis: hidden {path: (E, T, C, L, D)}, eps (E, T, 4, h, w).
+
+    >>> features = reference_pass_many(unet, params["unet"], schedule, chain[None], contexts, timesteps)
     """
     exemplars, steps = chains.shape[0], timesteps.shape[0]
     count = contexts.size // exemplars
     items = exemplars * steps * count
     devices = 1 if mesh is None else mesh.size
     batches, per_batch = reference_batches(parallel.spread(items, devices)[1], batch_size)
-    item = np.minimum(np.arange(devices * batches * per_batch), items - 1)
+    item = parallel.pad_to(np.arange(items), devices * batches * per_batch)
     exemplar_of, step_of, context_of = item // (steps * count), item // count % steps, item % count
-    latents = chains[exemplar_of, steps - step_of]
-    inputs = (latents, timesteps[step_of], contexts.take(exemplar_of * count + context_of))
+    inputs = ReferenceItems(
+        chains[exemplar_of, steps - step_of], timesteps[step_of], contexts.take(exemplar_of * count + context_of)
+    )
 
-    def run(_: None, xs: tuple) -> tuple[None, tuple[dict, jnp.ndarray]]:
-        x, t, cond = xs
-        output, hidden = unet_output_recording(unet, params, x, t, cond)
+    def run(_: None, batch: ReferenceItems) -> tuple[None, tuple[dict, jnp.ndarray]]:
+        x, t = batch.latents, batch.timesteps
+        output, hidden = unet_output_recording(unet, params, x, t, batch.cond)
         eps = schedule.epsilon(output.astype(jnp.float32), x, schedule.alpha(t)[:, None, None, None])
         if report_progress:
             progress.tick(t[0])
         return None, (hidden, eps)
 
-    def evaluate(params: Any, inputs: tuple) -> tuple[dict, jnp.ndarray]:
+    def evaluate(params: Any, inputs: ReferenceItems) -> tuple[dict, jnp.ndarray]:
         batched = jax.tree_util.tree_map(lambda x: x.reshape(batches, per_batch, *x.shape[1:]), inputs)
         _, outputs = jax.lax.scan(run, None, batched)
         return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
 
     if mesh is not None:
-        evaluate = parallel.over_items(evaluate, mesh, (False, True))
+        evaluate = parallel.sharded(evaluate, mesh, (DATA,))
     outputs = evaluate(params, inputs)
 
     def by_step(x: jnp.ndarray) -> jnp.ndarray:
@@ -128,6 +126,17 @@ def reference_pass_many(
 
     hidden, eps = jax.tree_util.tree_map(by_step, outputs)
     return ReferenceFeatures(hidden=hidden, eps=eps[:, :, -1], contexts=count)
+
+
+def reference_pass(
+    unet: Any, params: Any, schedule: DDIMSchedule, chain: jnp.ndarray, contexts: Conditioning, timesteps: jnp.ndarray
+) -> ReferenceFeatures:
+    """`reference_pass_many` of one exemplar's chain (T+1, 4, h, w) on one device: hidden {path: (T, C, L, D)}.
+
+    >>> features = reference_pass(unet, params["unet"], schedule, chain, contexts, jnp.asarray(timesteps))
+    """
+    many = reference_pass_many(unet, params, schedule, chain[None], contexts, timesteps)
+    return jax.tree_util.tree_map(lambda x: x[0], many)
 
 
 def feature_bytes(unet: Any, params: Any, latent_shape: tuple[int, ...], contexts: Conditioning, steps: int) -> int:

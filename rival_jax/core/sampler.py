@@ -16,11 +16,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from rival_jax import progress
-from rival_jax.config import RivalConfig
 from rival_jax.core import traces
 from rival_jax.core.attention import FUSE, REPLACE
 from rival_jax.core.control import ControlInputs, control_residuals
 from rival_jax.core.ddim import DDIMSchedule, ddim_step
+from rival_jax.core.parallel import DATA, EXEMPLARS
 from rival_jax.core.reference import ReferenceFeatures
 from rival_jax.core.unet import Conditioning, unet_output, unet_output_alongside, unet_output_injected
 
@@ -45,10 +45,16 @@ class GenerationInputs:
     control: the ControlNets' inputs (`control.ControlInputs`), or None without ControlNet.
 
     Several exemplars (`aligned_generate_many`) stack the `PER_EXEMPLAR` fields on a leading axis.
+    `control` is for one exemplar: its ControlNet maps are shared by the whole batch.
     """
 
     PER_VARIATION: ClassVar[tuple[str, ...]] = ("start",)
     PER_EXEMPLAR: ClassVar[tuple[str, ...]] = ("start", "chain", "conditioning", "contexts", "reference", "region")
+    # How `parallel.sharded` splits the stacked fields: exemplars over the mesh rows, variations over its columns.
+    SPLIT: ClassVar[dict[str, tuple[str, ...]]] = {
+        "start": (EXEMPLARS, DATA),
+        **{name: (EXEMPLARS,) for name in ("chain", "conditioning", "contexts", "reference", "region")},
+    }
 
     start: jnp.ndarray
     chain: jnp.ndarray
@@ -77,17 +83,19 @@ def shuffle_within(x: jnp.ndarray, region: jnp.ndarray, key: jax.Array) -> jnp.n
     return shuffled.reshape(x.shape)
 
 
-def start_latent(key: jax.Array, x_t: jnp.ndarray, region: jnp.ndarray, config: RivalConfig) -> jnp.ndarray:
-    """One variation's start latent from x_T (latent initialisation, docs/method.md).
+def start_latent(
+    key: jax.Array, x_t: jnp.ndarray, region: jnp.ndarray, *, latent_init: str, latent_alignment: bool
+) -> jnp.ndarray:
+    """One variation's start latent from x_T (latent initialisation, docs/method.md; `RivalConfig`'s fields).
 
     Inside `region` (everything, unless inpainting) the latent comes from the chosen initialisation;
     outside it is x_T itself.
     """
-    if not config.latent_alignment:
+    if not latent_alignment:
         init = jax.random.normal(key, x_t.shape, x_t.dtype)
-    elif config.latent_init == "shuffle":
+    elif latent_init == "shuffle":
         init = shuffle_within(x_t, region, key)
-    elif config.latent_init == "adaptive_gaussian":
+    elif latent_init == "adaptive_gaussian":
         mean = x_t.mean(axis=(1, 2), keepdims=True)
         std = x_t.std(axis=(1, 2), keepdims=True)
         init = mean + std * jax.random.normal(key, x_t.shape, x_t.dtype)
@@ -97,11 +105,21 @@ def start_latent(key: jax.Array, x_t: jnp.ndarray, region: jnp.ndarray, config: 
 
 
 def start_latents(
-    seed_key: jax.Array, indices: jnp.ndarray, x_t: jnp.ndarray, region: jnp.ndarray, config: RivalConfig
+    seed_key: jax.Array,
+    indices: jnp.ndarray,
+    x_t: jnp.ndarray,
+    region: jnp.ndarray,
+    *,
+    latent_init: str,
+    latent_alignment: bool,
 ) -> jnp.ndarray:
-    """Start latents (N, 4, h, w) for variations `indices`: variation i always uses fold_in(seed_key, i)."""
+    """Start latents (N, 4, h, w) for variations `indices`: variation i always uses fold_in(seed_key, i).
+
+    >>> start = start_latents(key, jnp.arange(4), x_t, region, latent_init="shuffle", latent_alignment=True)
+    """
     keys = jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(indices)
-    return jax.vmap(lambda k: start_latent(k, x_t, region, config))(keys)
+    init = {"latent_init": latent_init, "latent_alignment": latent_alignment}
+    return jax.vmap(lambda k: start_latent(k, x_t, region, **init))(keys)
 
 
 def adain(x: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
@@ -130,6 +148,7 @@ def aligned_generate(
     params: Any,
     schedule: DDIMSchedule,
     inputs: GenerationInputs,
+    *,
     report_progress: bool = False,
     attention_implementation: str | None = None,
     controlnets: tuple[Any, ...] = (),
@@ -152,37 +171,36 @@ def aligned_generate(
     steps = inputs.timesteps.shape[0]
     stride = schedule.stride(steps)
     batch_cond = inputs.conditioning.repeat(count)
-    reference_latents = inputs.chain[::-1]
     # The batch is [uncond x N, cond x N]; the two groups pair with the contexts [empty prompt, inversion prompt].
     group_context = jnp.array([0, contexts.size - 1])
     implementation = attention_implementation
     layers = traces.attention_layers(unet, params, inputs.start.shape[1:], batch_cond) if return_traces else ()
 
-    def switch(t, branches, traced_fusion, entries):
-        """The attention stage's output and, with traces, its exemplar shares (L, entries)."""
-        if not return_traces:
-            return jax.lax.switch(attention_stage(t, settings), branches), None
-        plain, replacement, _ = branches
-        return jax.lax.switch(
-            attention_stage(t, settings),
-            [
-                lambda: (plain(), traces.constant_shares(jnp.nan, layers, entries)),
-                lambda: (replacement(), traces.constant_shares(1.0, layers, entries)),
-                traced_fusion,
-            ],
-        )
+    def staged(t, plain, injected, entries):
+        """The attention stage's output and, with traces, each layer's exemplar share (L, entries)."""
+
+        def constant(value: float) -> jnp.ndarray | None:
+            return traces.constant_shares(value, layers, entries) if return_traces else None
+
+        def fusion():
+            shares = {} if return_traces else None
+            output = injected(FUSE, shares)
+            return output, traces.stacked_shares(shares, layers) if return_traces else None
+
+        branches = [lambda: (plain(), constant(jnp.nan)), lambda: (injected(REPLACE, None), constant(1.0)), fusion]
+        return jax.lax.switch(attention_stage(t, settings), branches)
 
     def stored_exemplar(latents, t, stored, residuals):
         hidden, eps_reference = stored
         grouped = {path: states[group_context] for path, states in hidden.items()}
-        inject = functools.partial(unet_output_injected, unet, params, latents, t, batch_cond, grouped)
-        branches = [
-            lambda: unet_output(unet, params, latents, t, batch_cond, residuals),
-            lambda: inject(REPLACE, implementation, residuals),
-            lambda: inject(FUSE, implementation, residuals),
-        ]
-        fused = functools.partial(traces.injected_with_shares, unet, params, latents, t, batch_cond, grouped, layers)
-        output, shares = switch(t, branches, lambda: fused(FUSE, implementation, residuals), latents.shape[0])
+
+        def injected(mode, shares):
+            return unet_output_injected(
+                unet, params, latents, t, batch_cond, grouped, mode, implementation, residuals, shares
+            )
+
+        plain = functools.partial(unet_output, unet, params, latents, t, batch_cond, residuals)
+        output, shares = staged(t, plain, injected, latents.shape[0])
         return output, eps_reference, shares
 
     def recomputed_exemplar(latents, t, x_reference, residuals):
@@ -190,21 +208,26 @@ def aligned_generate(
         both = jnp.concatenate([jnp.broadcast_to(x_reference, (leading, *x_reference.shape)), latents])
         cond = Conditioning.concat([contexts, batch_cond])
         residuals = None if residuals is None else residuals.after_zeros(leading)
-        alongside = functools.partial(unet_output_alongside, unet, params, both, t, cond, leading, group_context)
-        branches = [
-            lambda: unet_output(unet, params, both, t, cond, residuals),
-            lambda: alongside(REPLACE, implementation, residuals),
-            lambda: alongside(FUSE, implementation, residuals),
-        ]
-        fused = functools.partial(
-            traces.alongside_with_shares, unet, params, both, t, cond, leading, group_context, layers
-        )
-        output, shares = switch(t, branches, lambda: fused(FUSE, implementation, residuals), latents.shape[0])
+
+        def injected(mode, shares):
+            return unet_output_alongside(
+                unet, params, both, t, cond, leading, group_context, mode, implementation, residuals, shares
+            )
+
+        plain = functools.partial(unet_output, unet, params, both, t, cond, residuals)
+        output, shares = staged(t, plain, injected, latents.shape[0])
         eps_reference = schedule.epsilon(output[leading - 1].astype(jnp.float32), x_reference, schedule.alpha(t))
         return output[leading:], eps_reference, shares
 
     def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, tuple | None]:
-        index, t, x_reference, x_reference_next, stored = xs
+        index, t = xs
+        # Step-dependent inputs are read by index, not scanned over: under `vmap` (several exemplars) a
+        # scanned input would be transposed to steps-first, a copy of the whole chain and features.
+        x_reference, x_reference_next = inputs.chain[steps - index], inputs.chain[steps - index - 1]
+        reference = inputs.reference
+        stored = (
+            None if reference is None else jax.tree_util.tree_map(lambda a: a[index], (reference.hidden, reference.eps))
+        )
         latents = jnp.concatenate([x, x])
         residuals = None
         if controlnets:
@@ -232,9 +255,7 @@ def aligned_generate(
             return x_next, (per_variation, traces.statistic_distance(x, x_reference))
         return x_next, None
 
-    reference = inputs.reference
-    stored = None if reference is None else (reference.hidden, reference.eps)
-    xs = (jnp.arange(steps), inputs.timesteps, reference_latents[:-1], reference_latents[1:], stored)
+    xs = (jnp.arange(steps), inputs.timesteps)
     final, ys = jax.lax.scan(step, inputs.start, xs)
     if return_traces:
         return final, traces.StepTraces(share=ys[0].transpose(2, 0, 1), distance=ys[1].T)
@@ -242,24 +263,21 @@ def aligned_generate(
 
 
 def aligned_generate_many(
-    unet: Any,
-    params: Any,
-    schedule: DDIMSchedule,
-    inputs: GenerationInputs,
-    attention_implementation: str | None = None,
-) -> jnp.ndarray:
+    unet: Any, params: Any, schedule: DDIMSchedule, inputs: GenerationInputs, **statics: Any
+) -> jnp.ndarray | tuple[jnp.ndarray, traces.StepTraces]:
     """`aligned_generate` of E exemplars in one program: each exemplar's variations against its own side.
 
     inputs: `PER_EXEMPLAR` fields with a leading exemplar axis (start (E, N, 4, h, w), chain
         (E, T+1, 4, h, w), conditioning and contexts (E, ...) per leaf, reference leaves (E, ...),
-        region (E, h, w)); settings and timesteps are shared, so the attention and AdaIN stages stay
-        one branch per step for the whole batch. No ControlNet. Returns (E, N, 4, h, w).
+        region (E, h, w)); settings, timesteps and control are shared, so the attention and AdaIN
+        stages stay one branch per step for the whole batch. statics: `aligned_generate`'s keyword
+        arguments. Returns (E, N, 4, h, w) (and traces with the same leading axes).
 
     >>> finals = aligned_generate_many(unet, params["unet"], schedule, stacked_inputs)
     """
     per_exemplar = {name: getattr(inputs, name) for name in GenerationInputs.PER_EXEMPLAR}
 
-    def one(fields: dict[str, Any]) -> jnp.ndarray:
-        return aligned_generate(unet, params, schedule, inputs.replace(**fields), False, attention_implementation)
+    def one(fields: dict[str, Any]) -> Any:
+        return aligned_generate(unet, params, schedule, inputs.replace(**fields), **statics)
 
     return jax.vmap(one)(per_exemplar)

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from rival_jax.core.attention import inject_from_batch, inject_reference
-from rival_jax.core.unet import Conditioning, unet_output, unet_output_recording
+from rival_jax.core.unet import Conditioning, unet_output_recording
 
 Layers = tuple[tuple[str, ...], ...]
 
@@ -67,47 +66,9 @@ def statistic_distance(latents: jnp.ndarray, reference: jnp.ndarray) -> jnp.ndar
     return jnp.linalg.norm(statistics(latents) - statistics(reference)[None], axis=-1)
 
 
-def _stacked(shares: dict, layers: Layers) -> jnp.ndarray:
+def stacked_shares(shares: dict, layers: Layers) -> jnp.ndarray:
+    """The shares a fusion step's `shares` dict received, as (L, entries) in the order of `layers`."""
     return jnp.stack([shares[layer] for layer in layers])
-
-
-def injected_with_shares(
-    unet: Any,
-    params: Any,
-    latents: jnp.ndarray,
-    t: jnp.ndarray,
-    cond: Conditioning,
-    reference: dict[tuple[str, ...], jnp.ndarray],
-    layers: Layers,
-    mode: str,
-    implementation: str | None = None,
-    residuals: Any = None,
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """`unet.unet_output_injected` in fusion, and each layer's exemplar share per entry (L, B)."""
-    shares: dict = {}
-    with inject_reference(reference, mode, implementation, shares):
-        output = unet_output(unet, params, latents, t, cond, residuals)
-    return output, _stacked(shares, layers)
-
-
-def alongside_with_shares(
-    unet: Any,
-    params: Any,
-    latents: jnp.ndarray,
-    t: jnp.ndarray,
-    cond: Conditioning,
-    leading: int,
-    group_reference: jnp.ndarray,
-    layers: Layers,
-    mode: str,
-    implementation: str | None = None,
-    residuals: Any = None,
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """`unet.unet_output_alongside` in fusion, and each layer's exemplar share per generated entry (L, B)."""
-    shares: dict = {}
-    with inject_from_batch(leading, group_reference, mode, implementation, shares):
-        output = unet_output(unet, params, latents, t, cond, residuals)
-    return output, _stacked(shares, layers)
 
 
 def constant_shares(value: float, layers: Layers, entries: int) -> jnp.ndarray:
@@ -126,7 +87,7 @@ class GenerationTraces:
         latent_stat_distance: (T,).
 
     >>> out = pipe.generate(chain, num_variations=4, return_traces=True)
-    >>> images.save_json(out.traces.as_json(), "traces.json")
+    >>> files.save_json(out.traces.as_json(), "traces.json")
     """
 
     timesteps: np.ndarray
@@ -136,7 +97,7 @@ class GenerationTraces:
 
     @classmethod
     def from_steps(cls, steps: StepTraces, count: int, timesteps: np.ndarray, layers: Layers) -> GenerationTraces:
-        """Average the first `count` variations (the rest is batch padding)."""
+        """Average the first `count` variations of one exemplar's `steps` (the rest is batch padding)."""
         share = np.asarray(steps.share)[:count].mean(axis=0)
         distance = np.asarray(steps.distance)[:count].mean(axis=0)
         return cls(np.asarray(timesteps), tuple("/".join(layer) for layer in layers), share, distance)

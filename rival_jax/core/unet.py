@@ -87,9 +87,13 @@ def unet_output_injected(
     mode: str,
     implementation: str | None = None,
     residuals: Any = None,
+    shares: dict | None = None,
 ) -> jnp.ndarray:
-    """The prediction with cross-image self-attention against stored `reference` states (`inject_reference`)."""
-    with inject_reference(reference, mode, implementation):
+    """The prediction with cross-image self-attention against stored `reference` states (`inject_reference`).
+
+    `shares`: a dict that receives each layer's exemplar share in fusion (traces; the output is the same).
+    """
+    with inject_reference(reference, mode, implementation, shares):
         return unet_output(unet, params, latents, t, cond, residuals)
 
 
@@ -104,7 +108,11 @@ def unet_output_alongside(
     mode: str,
     implementation: str | None = None,
     residuals: Any = None,
+    shares: dict | None = None,
 ) -> jnp.ndarray:
-    """The prediction of a batch whose first `leading` entries are the exemplar's (`inject_from_batch`)."""
-    with inject_from_batch(leading, group_reference, mode, implementation):
+    """The prediction of a batch whose first `leading` entries are the exemplar's (`inject_from_batch`).
+
+    `shares`: as in `unet_output_injected`, for the generated entries.
+    """
+    with inject_from_batch(leading, group_reference, mode, implementation, shares):
         return unet_output(unet, params, latents, t, cond, residuals)

@@ -27,8 +27,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rival_jax import files
-from rival_jax.core.parallel import initialize_distributed, process_share
-from rival_jax.jobs.batches import run_rows
 from rival_jax.jobs.common import (
     Interrupted,
     check_control,
@@ -38,10 +36,12 @@ from rival_jax.jobs.common import (
     prepare_runtime,
     show_progress,
 )
+from rival_jax.jobs.hosts import initialize_distributed, process_share
 from rival_jax.jobs.locks import check_output, output_lock
 from rival_jax.jobs.manifest import Row, read_rows
 from rival_jax.jobs.options import DEFAULT_BATCH_SIZE, AugmentOptions
 from rival_jax.jobs.records import RecordLog, finished_items, new_record, remove_stale_temporaries
+from rival_jax.jobs.row_groups import run_rows
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer

@@ -10,7 +10,7 @@ import numpy as np
 from rival_jax import images
 from rival_jax.core.control import ControlInputs
 from rival_jax.errors import RivalError
-from rival_jax.outputs import InversionChain
+from rival_jax.pipeline.results import InversionChain
 
 
 def control_inputs(

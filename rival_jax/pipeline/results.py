@@ -1,4 +1,4 @@
-"""What the pipeline returns: an exemplar's inversion chain and the generated variations."""
+"""What the pipeline returns: exemplars' inversion chains (alone or grouped) and the generated variations."""
 
 from __future__ import annotations
 
@@ -71,3 +71,17 @@ class RivalOutput:
     seed: int
     reference_mode: str
     traces: Any = None
+
+
+@dataclasses.dataclass
+class ExemplarGroup:
+    """Chains that generate together (same image size, steps and context count), and their features once computed.
+
+    reference: the stacked features of `chains` (padded as the last `generate_many` call padded
+        them), kept for the group's later calls in reference mode "keep".
+
+    >>> group = ExemplarGroup(pipe.invert_many(["a.jpg", "b.jpg"], ["a cat", "a dog"], 50))
+    """
+
+    chains: list[InversionChain]
+    reference: ReferenceFeatures | None = None

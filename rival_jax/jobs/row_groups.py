@@ -2,8 +2,8 @@
 
 Rows whose exemplars come out the same size, with the same steps, prompt contexts (inversion
 prompt empty or not) and method settings, are gathered `RunOptions.exemplar_batch` at a time
-(default: one per local device) and run through `rival_jax.multi`; other rows (ControlNet maps, or
-an exemplar batch of 1) run one at a time as before. Every image is still variation i of its row's
+(default: one per local device) and run through `RivalPipeline.invert_many` / `generate_many`; other
+rows (ControlNet maps, or an exemplar batch of 1) run one at a time. Every image is still variation i of its row's
 seed, whatever it was batched with. If a batch fails, its rows are retried one at a time, so only a
 bad row is reported as failed.
 """
@@ -16,10 +16,11 @@ from typing import Any
 
 from PIL import Image
 
-from rival_jax import multi
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import read_exemplar
 from rival_jax.jobs.settings import generation_arguments
+from rival_jax.pipeline import ExemplarGroup, Request
+from rival_jax.pipeline.inputs import context_count
 
 # save(row, variation index, image); report(row number, "skipped" | "failed", message)
 Save = Callable[[Any, int, Image.Image], None]
@@ -48,7 +49,7 @@ def group_key(pipe: Any, pending: Pending) -> tuple | None:
     if pending.control_maps is not None or pipe.controlnets:
         return None
     settings = pending.row.settings
-    contexts = 1 if settings["inversion_prompt"] == "" else 2
+    contexts = context_count(settings["inversion_prompt"])
     return (pipe.image_size(pending.exemplar.size), settings["steps"], contexts, settings["config"])
 
 
@@ -106,12 +107,12 @@ def _run_group(pipe: Any, group: list[Pending], batch_size: int, count: int, sav
     try:
         settings = [pending.row.settings for pending in group]
         prompts = [s["inversion_prompt"] for s in settings]
-        chains = multi.invert_many(pipe, [pending.exemplar for pending in group], prompts, settings[0]["steps"])
-        exemplars = multi.ExemplarGroup(chains)
+        chains = pipe.invert_many([pending.exemplar for pending in group], prompts, settings[0]["steps"])
+        exemplars = ExemplarGroup(chains)
         chunks = max(-(-len(pending.indices) // batch_size) for pending in group)
         for chunk in range(chunks):
             requests = [
-                multi.Request(
+                Request(
                     pending.indices[chunk * batch_size : (chunk + 1) * batch_size],
                     s["seed"],
                     s["prompt"],
@@ -121,7 +122,7 @@ def _run_group(pipe: Any, group: list[Pending], batch_size: int, count: int, sav
                 for pending, s in zip(group, settings, strict=True)
             ]
             config = settings[0]["config"]
-            outs = multi.generate_many(pipe, exemplars, requests, config, batch_size=batch_size, exemplar_count=count)
+            outs = pipe.generate_many(exemplars, requests, config, batch_size=batch_size, exemplar_count=count)
             for pending, request, out in zip(group, requests, outs, strict=True):
                 for index, image in zip(request.variation_indices, out.images, strict=True):
                     _save(pending, save, index, image)

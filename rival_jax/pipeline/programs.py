@@ -1,0 +1,292 @@
+"""The compiled programs of RIVAL on one checkpoint, and the cache that compiles each once and times it.
+
+Every program is a pure function `program(*arrays, statics=..., report_progress=...)` of params and
+named structs: the checkpoint's modules and every static choice are fields of a frozen `Statics`,
+what is split over devices is declared by the input struct (`parallel.sharded`), and a `Program`
+names the function, its statics and the input fields whose buffers it may reuse. `Executables`
+compiles a program once per (program, argument structure, shapes, dtypes) and keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from rival_jax import progress
+from rival_jax.core import parallel
+from rival_jax.core.attention import own_reference
+from rival_jax.core.ddim import DDIMSchedule, ddim_step
+from rival_jax.core.inversion import invert
+from rival_jax.core.parallel import DATA, EXEMPLARS
+from rival_jax.core.reference import ReferenceFeatures, reference_pass_many
+from rival_jax.core.sampler import GenerationInputs, aligned_generate_many, start_latents
+from rival_jax.core.unet import Conditioning, unet_output
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Modules:
+    """A checkpoint's Flax modules and DDIM schedule, compared by identity (one object per loaded checkpoint).
+
+    dtype: the params' dtype, which the VAE decodes in.
+    """
+
+    unet: Any
+    vae: Any
+    schedule: DDIMSchedule
+    dtype: Any
+    controlnets: tuple[Any, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Statics:
+    """What a program is specialised on; hashable, so it keys the compiled programs.
+
+    mesh: the devices it runs on; attention: the injected layers' kernel (`aligned_generate`);
+    latent_init, latent_alignment: `RivalConfig`'s settings the start latents read.
+    """
+
+    modules: Modules
+    mesh: Mesh | None = None
+    attention: str | None = None
+    reference_batch_size: int = 8
+    return_traces: bool = False
+    latent_init: str = "shuffle"
+    latent_alignment: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A program function bound to its statics; `donate`: fields of its last argument (a struct) it may reuse.
+
+    >>> program = Program(generation, statics, donate=GenerationInputs.PER_VARIATION)
+    >>> final = jax.jit(program(report_progress=False))(params["unet"], inputs)
+    """
+
+    function: Callable[..., Any]
+    statics: Statics
+    donate: tuple[str, ...] = ()
+
+    def __call__(self, report_progress: bool) -> Callable[..., Any]:
+        return functools.partial(self.function, statics=self.statics, report_progress=report_progress)
+
+
+@struct.dataclass
+class InversionInputs:
+    """E exemplars to invert: x0 (E, 4, h, w), cond (E entries), timesteps (T,) shared."""
+
+    SPLIT: ClassVar[dict[str, tuple[str, ...]]] = {"x0": (DATA,), "cond": (DATA,)}
+
+    x0: jnp.ndarray
+    cond: Conditioning
+    timesteps: jnp.ndarray
+
+
+@struct.dataclass
+class ReferenceInputs:
+    """E chains (E, T+1, 4, h, w), their contexts (E*C entries, exemplar-major) and the timesteps (T,)."""
+
+    chains: jnp.ndarray
+    contexts: Conditioning
+    timesteps: jnp.ndarray
+
+
+@struct.dataclass
+class StartInputs:
+    """Start latents of variations `indices` of the seed `key`, from x_T (4, h, w) inside `region` (h, w)."""
+
+    key: jax.Array
+    indices: jnp.ndarray
+    x_t: jnp.ndarray
+    region: jnp.ndarray
+
+
+@struct.dataclass
+class PlainInputs:
+    """Plain text-to-image: start (N, 4, h, w), conditioning [negative, prompt], timesteps (T,), guidance."""
+
+    SPLIT: ClassVar[dict[str, tuple[str, ...]]] = {"start": (DATA,)}
+
+    start: jnp.ndarray
+    conditioning: Conditioning
+    timesteps: jnp.ndarray
+    guidance_scale: jnp.ndarray
+
+
+def inversion(params: Any, inputs: InversionInputs, *, statics: Statics, report_progress: bool) -> jax.Array:
+    """`invert` of E exemplars, their batch split over `statics.mesh`: chains (E, T+1, 4, h, w)."""
+    modules = statics.modules
+
+    def run(params: Any, inputs: InversionInputs) -> jax.Array:
+        cond, timesteps = inputs.cond, inputs.timesteps
+        return invert(
+            modules.unet, params, modules.schedule, inputs.x0, cond, timesteps, report_progress=report_progress
+        )
+
+    return parallel.sharded(run, statics.mesh, (DATA,))(params, inputs)
+
+
+def reference(params: Any, inputs: ReferenceInputs, *, statics: Statics, report_progress: bool) -> ReferenceFeatures:
+    """`reference_pass_many` over `statics.mesh`: features (E, ...) of every exemplar, step and context."""
+    modules = statics.modules
+    return reference_pass_many(
+        modules.unet,
+        params,
+        modules.schedule,
+        inputs.chains,
+        inputs.contexts,
+        inputs.timesteps,
+        batch_size=statics.reference_batch_size,
+        report_progress=report_progress,
+        mesh=statics.mesh,
+    )
+
+
+def generation(params: Any, inputs: GenerationInputs, *, statics: Statics, report_progress: bool) -> Any:
+    """`aligned_generate_many` on `statics.mesh` (`parallel.exemplar_mesh`): final latents (E, N, 4, h, w).
+
+    With `statics.return_traces`, also the `traces.StepTraces` (E, N, ...).
+    """
+    modules = statics.modules
+
+    def run(params: Any, inputs: GenerationInputs) -> Any:
+        return aligned_generate_many(
+            modules.unet,
+            params,
+            modules.schedule,
+            inputs,
+            report_progress=report_progress,
+            attention_implementation=statics.attention,
+            controlnets=modules.controlnets,
+            return_traces=statics.return_traces,
+        )
+
+    return parallel.sharded(run, statics.mesh, (EXEMPLARS, DATA))(params, inputs)
+
+
+def start(inputs: StartInputs, *, statics: Statics, report_progress: bool) -> jax.Array:
+    """`start_latents` with the statics' initialisation: (N, 4, h, w)."""
+    init = {"latent_init": statics.latent_init, "latent_alignment": statics.latent_alignment}
+    return start_latents(inputs.key, inputs.indices, inputs.x_t, inputs.region, **init)
+
+
+def encode(params: Any, pixels: jnp.ndarray, *, statics: Statics, report_progress: bool) -> jnp.ndarray:
+    """VAE posterior mean of pixels (N, 3, H, W) in [-1, 1], scaled: latents (N, 4, h, w)."""
+    vae = statics.modules.vae
+    posterior = vae.apply({"params": params}, pixels, method=vae.encode).latent_dist
+    latents = posterior.mean.transpose(0, 3, 1, 2).astype(jnp.float32)
+    return (latents - _vae_shift(vae)) * vae.config.scaling_factor
+
+
+def decode(params: Any, latents: jnp.ndarray, *, statics: Statics, report_progress: bool) -> jnp.ndarray:
+    """Latents (N, 4, h, w) to images (N, H, W, 3) in [0, 1]."""
+    vae = statics.modules.vae
+    scaled = (latents / vae.config.scaling_factor + _vae_shift(vae)).astype(statics.modules.dtype)
+    decoded = vae.apply({"params": params}, scaled, method=vae.decode)
+    return jnp.clip(decoded.sample.astype(jnp.float32).transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0)
+
+
+def _vae_shift(vae: Any) -> float:
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def plain(params: Any, inputs: PlainInputs, *, statics: Statics, report_progress: bool) -> jnp.ndarray:
+    """Plain text-to-image (CFG + DDIM, as diffusers' Flax SD and SDXL pipelines), split over `statics.mesh`.
+
+    The baseline the benchmark compares RIVAL with. The raw UNet output is turned into noise
+    (`schedule.epsilon`) before guidance, which is the same since both are linear. `statics.attention`
+    None: diffusers' own self-attention; else the injected layers' kernel ("xla" or "cudnn") computes
+    every self-attention layer (a like-for-like baseline).
+    """
+    unet, schedule, kernel = statics.modules.unet, statics.modules.schedule, statics.attention
+
+    def run(params: Any, inputs: PlainInputs) -> jnp.ndarray:
+        x_start, steps = inputs.start, inputs.timesteps.shape[0]
+        batch_cond = inputs.conditioning.repeat(x_start.shape[0])
+
+        def step(x: jnp.ndarray, t: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+            latents = jnp.concatenate([x, x])
+            with own_reference(kernel) if kernel else contextlib.nullcontext():
+                output = unet_output(unet, params, latents, t, batch_cond)
+            alpha = schedule.alpha(t)
+            eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
+            eps_uncond, eps_cond = jnp.split(eps, 2)
+            guided = eps_uncond + inputs.guidance_scale * (eps_cond - eps_uncond)
+            return ddim_step(x, guided, alpha, schedule.alpha(t - schedule.stride(steps))).astype(x.dtype), None
+
+        return jax.lax.scan(step, x_start, inputs.timesteps)[0]
+
+    return parallel.sharded(run, statics.mesh, (DATA,))(params, inputs)
+
+
+class Executables:
+    """Compiled programs, each compiled on first use for its argument shapes and kept, with their seconds.
+
+    A program is keyed by itself (a `Program`: function and statics; or any hashable
+    `make_program(report_progress)`), whether it ticks, and its arguments' structure, shapes and
+    dtypes. `timings[label]` holds compile and run seconds ("compile_s", "run_s") summed over calls;
+    the label only names the program in progress lines and timings.
+
+    >>> runs = Executables()
+    >>> chains = runs.run("inversion", Program(inversion, statics), steps=50, show=True, args=(params, inputs))
+    >>> runs.timings["inversion"]
+    {'compile_s': 8.1, 'run_s': 2.3}
+    """
+
+    def __init__(self) -> None:
+        self._compiled: dict[tuple, Any] = {}
+        self.timings: defaultdict[str, dict[str, float]] = defaultdict(lambda: {"compile_s": 0.0, "run_s": 0.0})
+
+    def run(self, label: str, program: Callable[[bool], Callable], steps: int, show: bool, args: tuple) -> Any:
+        """Run `program(report_progress)(*args)`, compiled on first use.
+
+        Args:
+            label: the program's name in progress lines and `timings`.
+            program: a `Program`, or a hashable function of report_progress (ticks every step only
+                when progress is shown and the persistent cache is off, `progress.step_ticks`).
+            steps: ticks one run makes (the bar's length).
+            show: progress on stderr (compile line, then a step bar or a line with the run's seconds).
+            args: the program's arguments.
+        """
+        ticks = progress.step_ticks(show)
+        donated = getattr(program, "donate", ())
+        kwargs = {}
+        if donated:  # the donated fields travel apart, so that only their buffers are donated
+            *rest, inputs = args
+            kwargs = {"donated": {name: getattr(inputs, name) for name in donated}}
+            args = (*rest, inputs.replace(**dict.fromkeys(donated)))
+        leaves, structure = jax.tree_util.tree_flatten((args, kwargs))
+        key = (program, ticks, structure, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        if key not in self._compiled:
+            function = program(ticks)
+            if donated:
+                function = _rejoining(function)
+            with progress.compiling(label, show) as clock:
+                compiled = jax.jit(function, donate_argnames=tuple(kwargs)).lower(*args, **kwargs).compile()
+                self._compiled[key] = compiled
+            self.timings[label]["compile_s"] += clock.seconds
+        started = time.perf_counter()
+        shown = progress.progress_bar(label, steps, show) if ticks else progress.activity(f"running {label}", show)
+        with shown:
+            result = jax.block_until_ready(self._compiled[key](*args, **kwargs))
+        self.timings[label]["run_s"] += time.perf_counter() - started
+        return result
+
+
+def _rejoining(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function(*rest, inputs)` called as `(*rest, inputs without the donated fields, donated=those fields)`."""
+
+    def call(*args: Any, donated: dict[str, Any]) -> Any:
+        *rest, inputs = args
+        return function(*rest, inputs.replace(**donated))
+
+    return call

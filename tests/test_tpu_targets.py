@@ -64,6 +64,16 @@ def test_tpu_targets_resolve_to_compile_only_devices_of_their_chip() -> None:
     assert [d.device_kind for d in v5e.devices] == ["TPU v5 lite"] * 4
     assert (len(v4.devices), v4.devices_per_chip) == (8, 2)  # one device per TensorCore
     assert sorted({d.process_index for d in pod.devices}) == [0, 1, 2, 3]
+    assert [d.process_index for d in pod.local_devices] == [0] * 4
+
+
+@pytest.fixture
+def no_persistent_cache() -> object:
+    """Compile-only executables cannot be read back from the persistent cache: keep them out of it."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def _abstract(tree: object, mesh: Mesh, specs: object) -> object:
@@ -79,7 +89,10 @@ def _abstract(tree: object, mesh: Mesh, specs: object) -> object:
 
 
 @needs_libtpu
-def test_tiny_sd1_generation_compiles_for_v5e_with_variations_split_over_its_four_chips() -> None:
+@pytest.mark.parametrize(("family", "name"), [("sd1", "v5e:2x2"), ("sdxl", "v5e:4x4")])
+def test_tiny_generation_compiles_for_tpu_with_variations_split_over_a_hosts_chips(
+    family: str, name: str, no_persistent_cache: None
+) -> None:
     from diffusers import FlaxUNet2DConditionModel
 
     from rival_jax.config import RivalConfig
@@ -91,23 +104,30 @@ def test_tiny_sd1_generation_compiles_for_v5e_with_variations_split_over_its_fou
     from rival_jax.models.checkpoints import params_layout
     from rival_jax.pipeline import programs
 
-    arch = TINY["sd1"]
+    arch = TINY[family]
     unet = FlaxUNet2DConditionModel(**arch.unet, dtype=jnp.bfloat16)
     schedule = DDIMSchedule.from_scheduler_config(arch.scheduler)
-    target = resolve_target("v5e:2x2")
-    mesh = parallel.exemplar_mesh(Mesh(np.array(target.devices), (parallel.DATA,)), 1, 4)
-    assert mesh.devices.shape == (1, 4)
+    target = resolve_target(name)
+    chips = len(target.local_devices)  # a run's programs span one host's devices
+    mesh = parallel.exemplar_mesh(Mesh(np.array(target.local_devices), (parallel.DATA,)), 1, chips)
+    assert mesh.devices.shape == (1, chips)
 
     def shape(*dims: int, dtype: jnp.dtype = jnp.float32) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(dims, dtype)
 
+    def cond(*leading: int) -> Conditioning:
+        text = shape(*leading, 77, unet.config.cross_attention_dim)
+        if unet.config.addition_embed_type != "text_time":
+            return Conditioning(text)
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        return Conditioning(text, {"text_embeds": shape(*leading, pooled), "time_ids": shape(*leading, 6)})
+
     steps, latent = 2, (4, 8, 8)
-    text = unet.config.cross_attention_dim
     inputs = GenerationInputs(
-        start=shape(1, 4, *latent),
+        start=shape(1, chips, *latent),
         chain=shape(1, steps + 1, *latent),
-        conditioning=Conditioning(shape(1, 2, 77, text)),
-        contexts=Conditioning(shape(1, 1, 77, text)),
+        conditioning=cond(1, 2),
+        contexts=cond(1, 1),
         reference=None,
         region=shape(1, *latent[1:], dtype=jnp.bool_),
         settings=jax.eval_shape(RivalConfig().as_arrays),
@@ -125,5 +145,6 @@ def test_tiny_sd1_generation_compiles_for_v5e_with_variations_split_over_its_fou
     cost = cost[0] if isinstance(cost, list) else cost
     assert memory.argument_size_in_bytes > sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 4
     assert cost["flops"] > 0
-    assert compiled.output_shardings.mesh.devices.shape == (1, 4)
+    assert compiled.output_shardings.mesh.devices.shape == (1, chips)
+    assert chips == 4
     assert targets.CHIPS["v5e"].device_kind == target.devices[0].device_kind

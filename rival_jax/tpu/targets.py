@@ -103,6 +103,11 @@ class Target:
     def devices_per_chip(self) -> int:
         return len(self.devices) // self.spec.chips
 
+    @property
+    def local_devices(self) -> tuple[Any, ...]:
+        """The first host's devices: what `jax.local_devices()` holds there, so what a run's `local_mesh` spans."""
+        return tuple(d for d in self.devices if d.process_index == self.devices[0].process_index)
+
 
 def _unknown(name: str) -> RivalError:
     return RivalError(f"target {name!r} is unknown: use one of {KNOWN_TARGETS}")

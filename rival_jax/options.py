@@ -24,8 +24,37 @@ REFERENCE_MODES = ("auto", "keep", "recompute")
 RESOLUTION_PATTERN = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
 
 
-def _option(default: Any, help: str, choices: tuple[str, ...] | None = None, type: type | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "type": type})
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    choices: tuple[str, ...] | None = None,
+    type: type | None = None,
+    *,
+    flags: tuple[str, ...] = (),
+    negative: tuple[str, str] | None = None,
+    nargs: str | None = None,
+    kind: str = "",
+    positional: bool = False,
+) -> Any:
+    """A field of an options dataclass with what its command-line argument needs (see `add_arguments`).
+
+    Args:
+        default: the value when nothing sets it; none makes the field a required positional argument.
+        help: the argument's help line.
+        choices: the accepted values.
+        type: the argument's type where the default does not tell it (int, float, bool for a None default).
+        flags: the flags (default: `--field-name`).
+        negative: (flag, help) of a second flag that sets the field False, e.g. ("--no-progress", "no bars").
+        nargs: argparse's nargs, e.g. "+" for a list of values.
+        kind: what the value must be, for messages ("a folder path").
+        positional: a positional argument even though it has a default (then it may be left out).
+
+    >>> seed: int = option(0, "random seed (default: 0)", kind="an integer")
+    """
+    metadata = {"help": help, "choices": choices, "type": type, "flags": flags, "negative": negative}
+    return dataclasses.field(
+        default=default, metadata=metadata | {"nargs": nargs, "kind": kind, "positional": positional}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +79,7 @@ class RunOptions:
             folder or hub id of the same family that supplies configs, scheduler and tokenizers.
         controlnet: ControlNet folders or hub ids (one, or a list for several) whose residuals steer
             the generated images (SD 1.x/2.x).
-        exemplar_batch: how many exemplars a job inverts, passes and generates together (`multi`);
+        exemplar_batch: how many exemplars a job inverts, passes and generates together (`RivalPipeline.generate_many`);
             None = one per local device. Rows are batched only with rows of the same image size,
             steps, prompt contexts and settings.
 
@@ -58,24 +87,24 @@ class RunOptions:
     (768, 512)
     """
 
-    dtype: str = _option("auto", "compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)", DTYPE_NAMES)
-    resolution: int | str | None = _option(
+    dtype: str = option("auto", "compute dtype (auto: float32 on CPU, bfloat16 on GPU/TPU)", DTYPE_NAMES)
+    resolution: int | str | None = option(
         None, "W (pixel budget W x W, aspect kept) or WxH (exact); default: the model's own"
     )
-    square_crop: bool = _option(False, "centre-crop the exemplar to a square first")
-    attention: str = _option(
+    square_crop: bool = option(False, "centre-crop the exemplar to a square first")
+    attention: str = option(
         "xla", "injected attention kernel (cudnn: flash attention, NVIDIA GPUs, bf16)", ATTENTION_IMPLEMENTATIONS
     )
-    reference_mode: str = _option(
+    reference_mode: str = option(
         "auto", "exemplar features: keep (fastest), recompute (least memory) or auto", REFERENCE_MODES
     )
-    reference_batch_size: int = _option(8, "UNet batch of the exemplar's reference pass (lower saves memory)")
-    variant: str | None = _option(None, "weight file variant, e.g. fp16")
-    base_model: str | None = _option(
+    reference_batch_size: int = option(8, "UNet batch of the exemplar's reference pass (lower saves memory)")
+    variant: str | None = option(None, "weight file variant, e.g. fp16")
+    base_model: str | None = option(
         None, "for a single-file .safetensors model: a diffusers folder of its family (configs, tokenizers)"
     )
-    controlnet: tuple[str, ...] = _option((), "ControlNet folder or hub id (repeat for several)")
-    exemplar_batch: int | None = _option(
+    controlnet: tuple[str, ...] = option((), "ControlNet folder or hub id (repeat for several)")
+    exemplar_batch: int | None = option(
         None, "exemplars a job generates together (default: one per local device)", type=int
     )
 
@@ -124,20 +153,38 @@ class RunOptions:
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 
-def add_run_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """One command-line flag per `RunOptions` field, from its definition (help, choices, type); absent = unset."""
-    for field in dataclasses.fields(RunOptions):
-        flag = "--" + field.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field.metadata["help"]}
-        if isinstance(field.default, bool):
+def add_arguments(parser: argparse.ArgumentParser, options_class: type) -> None:
+    """One command-line argument per field of an options dataclass, from its definition; absent = unset.
+
+    A field without a default is a positional argument (one marked `positional` may be left out); a
+    boolean is a switch; a tuple default without `nargs` is a repeated flag; `choices`, `type` and
+    `nargs` come from the field's `option`. Absent arguments stay out of the parsed namespace, so
+    defaults, config files and the command line can be layered.
+
+    >>> add_arguments(parser, RunOptions)  # --dtype, --resolution, --square-crop, ...
+    """
+    for field in dataclasses.fields(options_class):
+        meta = field.metadata
+        kwargs: dict[str, Any] = {"help": meta["help"]}
+        if field.default is dataclasses.MISSING:
+            parser.add_argument(field.name, nargs=meta["nargs"], **kwargs)
+            continue
+        kwargs["default"] = argparse.SUPPRESS
+        if meta["positional"]:
+            parser.add_argument(field.name, nargs="?", **kwargs)
+            continue
+        value_type = meta["type"] or type(field.default)
+        if value_type is bool:
             kwargs["action"] = "store_true"
-        elif isinstance(field.default, tuple):
+        elif isinstance(field.default, tuple) and not meta["nargs"]:
             kwargs["action"] = "append"
-        elif field.metadata["choices"]:
-            kwargs["choices"] = field.metadata["choices"]
-        elif isinstance(field.default, int) or field.metadata["type"] is int:
-            kwargs["type"] = int
-        parser.add_argument(flag, **kwargs)
+        else:
+            kwargs |= {"choices": meta["choices"], "nargs": meta["nargs"]}
+            kwargs |= {"type": value_type} if value_type in (int, float) else {}
+        parser.add_argument(*(meta["flags"] or ["--" + field.name.replace("_", "-")]), dest=field.name, **kwargs)
+        if meta["negative"]:
+            flag, text = meta["negative"]
+            parser.add_argument(flag, dest=field.name, action="store_false", default=argparse.SUPPRESS, help=text)
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import jax
 from tqdm.auto import tqdm
 
+from rival_jax import runtime
+
 _open_bars: list[tqdm] = []
 # Seconds between redraws of an `activity` line on a terminal.
 _REDRAW_S = 0.2
@@ -38,9 +40,7 @@ def step_ticks(show: bool) -> bool:
     With the persistent compilation cache on, a ticking program would be compiled again by every
     process (host callbacks are never cached), so programs run without ticks and show as one line.
     """
-    from rival_jax.runtime import persistent_cache_enabled
-
-    return show and not persistent_cache_enabled()
+    return show and not runtime.persistent_cache_enabled()
 
 
 @contextlib.contextmanager

@@ -1,13 +1,21 @@
-"""Process-wide JAX settings, applied at the edges (CLI, scripts, tests), never by the math."""
+"""Process-wide settings, applied at the edges (CLI, scripts, tests), never by the math: the cache folder and
+JAX's compilation cache. A leaf: it imports nothing of rival_jax.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from rival_jax.models.loading import default_cache_dir
+
+def default_cache_dir() -> Path:
+    """`$RIVAL_JAX_CACHE`, else `$XDG_CACHE_HOME/rival_jax`, else `~/.cache/rival_jax`."""
+    if os.environ.get("RIVAL_JAX_CACHE"):
+        return Path(os.environ["RIVAL_JAX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rival_jax"
 
 
 def enable_compilation_cache(folder: str | Path | None = None) -> Path:

@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 
 from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions, example_image
-from rival_jax.cli import FAMILIES
 from rival_jax.core import parallel
 from rival_jax.core.reference import reference_batches
 from rival_jax.core.sampler import GenerationInputs
+from rival_jax.models.families import FAMILIES
 from rival_jax.models.random_models import random_full_models
-from rival_jax.options import FIELDS, add_run_option_arguments, resolve_dtype
+from rival_jax.options import FIELDS, add_arguments, resolve_dtype
 from rival_jax.pipeline import programs
 from rival_jax.pipeline.inputs import entry
 
@@ -111,7 +111,7 @@ def parse_arguments() -> argparse.Namespace:
         "--model", default="tiny", help="diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl"
     )
     source.add_argument("--family", choices=FAMILIES, help="full SD 1.5/2.1/SDXL base architecture, random weights")
-    add_run_option_arguments(parser)
+    add_arguments(parser, RunOptions)
     parser.add_argument("--steps", type=positive, default=10)
     parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")

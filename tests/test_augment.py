@@ -87,6 +87,7 @@ def test_single_run_outputs_and_summary(single_run):
     records = _records(output)
     assert sorted(r["file"] for r in records) == [f"images/{n}" for n in names]
     assert all(r["settings"]["steps"] == 2 for r in records)
+    assert all(r["random_weights"] is True for r in records)  # the tiny model: evaluate warns of it
     assert 0 < summary.compile_seconds < summary.seconds and summary.exit_code == 1
     rate = summary.generated / (summary.seconds - summary.compile_seconds)
     assert f"7 generated ({rate:.2f} img/s, compile {summary.compile_seconds:.1f} s excluded)" in summary.line()
@@ -110,6 +111,23 @@ def test_augment_exit_codes_tell_bad_input_from_rows_not_done(
     argv = ["augment", str(source), "-o", str(tmp_path / output), "--model", str(tiny_flax), *JOB]
     assert main(argv) == code
     assert last_line.format(taken=tmp_path / "taken") in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num-processes", "2", "--process-id", "1"], "--num-processes and --process-id need --coordinator"),
+        (["--process-id", "0"], "--process-id needs --coordinator HOST:PORT (or --distributed)"),
+    ],
+)
+def test_multi_host_flags_without_a_coordinator_are_refused_before_loading(capsys, tmp_path, manifest, extra, message):
+    from rival_jax.cli import main
+
+    argv = ["augment", str(manifest), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), *extra]
+    assert main([*argv, *JOB]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rival-jax: error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 def _cli(manifest, output, *extra):
@@ -277,7 +295,8 @@ def test_an_empty_or_unreadable_manifest_is_bad_input(tmp_path, content, message
 
 
 def test_manifest_rows_override_the_command_line(tmp_path):
-    from rival_jax.cli import build_parser, split_options
+    from rival_jax.cli import build_parser, layer_options
+    from rival_jax.jobs.options import AugmentOptions
 
     Image.new("RGB", (48, 40)).save(tmp_path / "a.png")
     (tmp_path / "m.jsonl").write_text(
@@ -285,11 +304,11 @@ def test_manifest_rows_override_the_command_line(tmp_path):
     )
     arguments = vars(build_parser().parse_args(["augment", str(tmp_path / "m.jsonl"), "--t-align", "500", "-n", "3"]))
     arguments.pop("command")
-    _, _, cli_row = split_options(arguments, ("source", "batch_size"))
+    _, _, cli_row = layer_options(AugmentOptions, arguments)
     rows, problems = read_rows(tmp_path / "m.jsonl", cli_row, "tiny")
     assert problems == []
     edited, plain = (row.settings for row in rows)
     assert (edited["t_align"], plain["t_align"]) == (300, 500)
     assert edited["num_variations"] == plain["num_variations"] == 3
-    assert (edited["latent_init"], edited["editing_start"]) == ("exemplar", 900)
+    assert (edited["latent_init"], edited["editing_start"]) == ("exemplar", 901)
     assert (plain["latent_init"], plain["editing_start"]) == ("shuffle", 1000)

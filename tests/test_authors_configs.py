@@ -49,19 +49,21 @@ def test_every_inference_config_maps_to_settings(path):
     values = json.loads(path.read_text())
     mapped = read_settings_file(path, ROW_FIELDS)
     inference = values["inference"]
-    assert mapped["t_align"] == values["self_attn"]["t_align"] and mapped["t_early"] == inference["t_early"]
+    assert mapped["authors_t_align"] == values["self_attn"]["t_align"] and mapped["t_early"] == inference["t_early"]
+    assert mapped["t_align"] == values["self_attn"]["t_align"] + 1  # their layer's step counter is t - 1
     assert mapped["guidance_scale"] == inference["cfg"] and mapped["steps"] == inference["ddim_step"]
     assert mapped["attention_injection"] is True
     settings = merge_settings(mapped, {"prompt": "a lynx"})
     expected_inversion = "" if inference["is_null_prompt"] else "a lynx"
     assert settings["inversion_prompt"] == expected_inversion
-    assert settings["config"].t_align == values["self_attn"]["t_align"]
+    assert settings["config"].t_align == values["self_attn"]["t_align"] + 1
 
 
 def test_attention_frames_minus_one_switches_injection_off_and_unequal_steps_are_refused(tmp_path):
     path = tmp_path / "off.json"
     path.write_text(json.dumps({"self_attn": {"atten_frames": -1, "t_align": 600}}))
-    assert read_settings_file(path, ROW_FIELDS) == {"attention_injection": False, "t_align": 600}
+    expected = {"attention_injection": False, "t_align": 601, "authors_t_align": 600}
+    assert read_settings_file(path, ROW_FIELDS) == expected
     path.write_text(json.dumps({"inference": {"invert_step": 50, "ddim_step": 20}}))
     with pytest.raises(RivalError, match="invert_step 50 and ddim_step 20 differ"):
         read_settings_file(path, ROW_FIELDS)
@@ -129,5 +131,6 @@ def test_authors_inpainting_experiment_runs_end_to_end(authors_tree, tiny_pipe, 
     for record in records:
         settings = record["settings"]
         assert settings["task"] == "inpaint" and settings["inversion_prompt"] == ""
-        assert (settings["guidance_scale"], settings["t_align"], settings["t_early"]) == (7.0, 600, 600)
+        assert (settings["guidance_scale"], settings["t_align"], settings["t_early"]) == (7.0, 601, 600)
+        assert settings["authors_t_align"] == 600
         assert settings["prompt"].endswith(", best quality, extremely detailed")

@@ -155,12 +155,12 @@ def _write(path, text):
 
 
 def test_an_output_folder_without_write_permission_is_refused_before_loading(capsys, tmp_path, monkeypatch):
-    from rival_jax.jobs import outputs
+    from rival_jax.jobs import locks
 
     denied = tmp_path / "read-only"
     denied.mkdir()
     real_access = os.access
-    monkeypatch.setattr(outputs.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
+    monkeypatch.setattr(locks.os, "access", lambda p, mode: Path(p) != denied and real_access(p, mode))
     for target, action in ((denied, "written"), (denied / "new" / "deeper", "created")):
         code, _, stderr = _run(capsys, "generate", "--model", tmp_path / "no-model", "-o", target, *FAST)
         assert code == 2 and stderr.strip() == (
@@ -287,8 +287,49 @@ def test_generate_replaces_an_earlier_result_only_with_overwrite(capsys, tmp_pat
     assert sidecar["seed"] == 3 and sidecar["files"] == ["variation-000.png", "exemplar.png", "grid.png", "rival.json"]
 
 
+def test_ctrl_c_while_writing_leaves_no_half_result_and_the_rerun_writes_it(
+    capsys, tmp_path, tiny_flax, exemplar_file, monkeypatch
+):
+    from rival_jax import files
+
+    out, real_save, saved = tmp_path / "out", files.save_png, []
+
+    def interrupted_after_one_image(image, path, metadata=None):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real_save(image, path, metadata)
+
+    args = ("generate", exemplar_file, "--model", tiny_flax, "-o", out, *FAST)
+    monkeypatch.setattr(files, "save_png", interrupted_after_one_image)
+    code, _, stderr = _run(capsys, *args)
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"rival-jax: interrupted: no result was written to {out}; rerun the same command to resume"
+    )
+    assert saved and not out.exists()  # the image it wrote is removed, and the folder it made
+    monkeypatch.setattr(files, "save_png", real_save)
+    assert _run(capsys, *args)[0] == 0
+    assert _names(out) == ["exemplar.png", "grid.png", "rival.json", "variation-000.png", "variation-001.png"]
+
+
+def test_every_command_accepts_the_common_flags_and_checks_its_options_before_loading(capsys, tmp_path):
+    common = ["--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    cases = [
+        (["evaluate", str(tmp_path / "missing")], "output folder"),
+        (["evaluate", str(tmp_path), "--kid-features", "inception"], "needs the weights"),
+        (["augment", str(tmp_path), "--batch-size", "0"], "--batch-size 0 is out of range"),
+        (["ablate", str(tmp_path), "--batch-size", "0"], "--batch-size 0 is out of range"),
+        (["generate", str(tmp_path / "missing.png")], "does not exist"),
+    ]
+    for argv, message in cases:
+        code, _, stderr = _run(capsys, *argv, *common)
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (argv, stderr)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_second_run_on_a_locked_folder_refuses_in_one_line(capsys, tmp_path, tiny_flax, exemplar_file):
-    from rival_jax.jobs.outputs import output_lock
+    from rival_jax.jobs.locks import output_lock
 
     out = tmp_path / "busy"
     with output_lock(out):
@@ -303,7 +344,8 @@ def test_a_second_run_on_a_locked_folder_refuses_in_one_line(capsys, tmp_path, t
 
 
 def _layered(*argv, config=None, tmp_path=None):
-    from rival_jax.cli import build_parser, split_options
+    from rival_jax.cli import build_parser, layer_options
+    from rival_jax.jobs.options import GenerateOptions
     from rival_jax.jobs.settings import merge_settings
 
     if config is not None:
@@ -311,7 +353,7 @@ def _layered(*argv, config=None, tmp_path=None):
         argv = (*argv, "--config", str(tmp_path / "settings.yaml"))
     arguments = vars(build_parser().parse_args(["generate", *argv]))
     arguments.pop("command")
-    job, options, row = split_options(arguments, ("exemplar",))
+    job, options, row = layer_options(GenerateOptions, arguments)
     return job, options, merge_settings(row)
 
 
@@ -319,14 +361,14 @@ def test_precedence_is_defaults_task_defaults_config_file_command_line(tmp_path)
     _, _, settings = _layered()
     assert (settings["latent_init"], settings["editing_start"], settings["t_align"]) == ("shuffle", 1000, 600)
     _, _, settings = _layered("--task", "edit", "--prompt", "a dog")
-    assert (settings["latent_init"], settings["editing_start"], settings["inversion_prompt"]) == ("exemplar", 900, "")
+    assert (settings["latent_init"], settings["editing_start"], settings["inversion_prompt"]) == ("exemplar", 901, "")
     config = "task: edit\nediting_start: 850\nt_align: 400\nresolution: 256\nmodel: from-file\n"
     job, options, settings = _layered(config=config, tmp_path=tmp_path)
     assert (settings["task"], settings["latent_init"], settings["editing_start"]) == ("edit", "exemplar", 850)
-    assert (settings["t_align"], options.resolution, job["model"]) == (400, 256, "from-file")
+    assert (settings["t_align"], options.resolution, job.model) == (400, 256, "from-file")
     argv = ("--editing-start", "800", "--latent-init", "shuffle", "--resolution", "128", "--model", "cli")
     job, options, settings = _layered(*argv, config=config, tmp_path=tmp_path)
     assert (settings["editing_start"], settings["latent_init"], settings["t_align"]) == (800, "shuffle", 400)
-    assert (options.resolution, job["model"]) == ("128", "cli")
+    assert (options.resolution, job.model) == ("128", "cli")
     _, _, settings = _layered("--task", "variation", config=config, tmp_path=tmp_path)
     assert (settings["task"], settings["latent_init"], settings["editing_start"]) == ("variation", "shuffle", 850)

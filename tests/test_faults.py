@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rival_jax import images
+from rival_jax import files
 from rival_jax.jobs.augment import run_augment
 from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.records import RecordLog
@@ -44,16 +44,16 @@ def _run(pipe, manifest, output, **kwargs):
 def _check_folder(output: Path) -> list[dict]:
     """Every image is whole and recorded once, every record names an image, no temporary is left."""
     records = [json.loads(line) for p in output.glob("records-*.jsonl") for line in p.read_text().splitlines()]
-    files = sorted((output / "images").iterdir())
-    assert not [p for p in files if p.name.startswith(".")]
-    assert sorted(r["file"] for r in records) == [f"images/{p.name}" for p in files]
-    assert all(images.png_metadata(p) is not None for p in files)
+    pngs = sorted((output / "images").iterdir())
+    assert not [p for p in pngs if p.name.startswith(".")]
+    assert sorted(r["file"] for r in records) == [f"images/{p.name}" for p in pngs]
+    assert all(files.png_metadata(p) is not None for p in pngs)
     return records
 
 
 def test_a_full_disk_fails_the_row_writes_nothing_half_and_the_rerun_completes(tiny_pipe, job, tmp_path, monkeypatch):
     output = tmp_path / "out"
-    real_write, calls = images.write_atomic, []
+    real_write, calls = files.write_atomic, []
 
     def disk_fills_on_the_second_image(path, write, binary=True):
         calls.append(path)
@@ -66,12 +66,12 @@ def test_a_full_disk_fails_the_row_writes_nothing_half_and_the_rerun_completes(t
 
         return real_write(path, half_then_full, binary)
 
-    monkeypatch.setattr(images, "write_atomic", disk_fills_on_the_second_image)
+    monkeypatch.setattr(files, "write_atomic", disk_fills_on_the_second_image)
     summary = _run(tiny_pipe, job, output)
     assert (summary.generated, summary.failed_rows, summary.exit_code) == (3, 1, 1)  # images, not rows
     assert summary.problems == [f"row 0 failed: OSError: [Errno 28] {os.strerror(errno.ENOSPC)}"]
     assert len(_check_folder(output)) == 3  # a's first image and b's two
-    monkeypatch.setattr(images, "write_atomic", real_write)
+    monkeypatch.setattr(files, "write_atomic", real_write)
     summary = _run(tiny_pipe, job, output)
     assert (summary.generated, summary.already_done, summary.exit_code) == (1, 3, 0)
     assert len(_check_folder(output)) == 4
@@ -124,15 +124,41 @@ def test_overwrite_starts_over_and_keeps_files_no_run_recorded(tiny_pipe, job, t
     assert len([r for p in output.glob("records-*.jsonl") for r in p.read_text().splitlines()]) == 4
 
 
+def test_ctrl_c_mid_job_prints_one_line_exits_130_and_the_rerun_resumes(capsys, job, tmp_path, tiny_flax, monkeypatch):
+    from rival_jax.cli import main
+
+    output, real_save, saved = tmp_path / "out", files.save_png, []
+
+    def interrupted_after_two_images(image, path, metadata=None):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real_save(image, path, metadata)
+
+    argv = ["augment", str(job), "-o", str(output), "--model", str(tiny_flax), "--steps", "2", "-n", "2"]
+    argv += ["--batch-size", "2", "--no-progress"]
+    monkeypatch.setattr(files, "save_png", interrupted_after_two_images)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"rival-jax: interrupted: 2 of 4 images finished in {output}; rerun the same command to resume"
+    )
+    assert len(_check_folder(output)) == 2 and not list(output.glob(".rival-jax-*.lock"))
+    monkeypatch.setattr(files, "save_png", real_save)
+    assert main(argv) == 0
+    assert "done: 2 generated" in (err := capsys.readouterr().err) and "2 already done" in err, err
+    assert len(_check_folder(output)) == 4
+
+
 def test_a_second_process_on_the_same_folder_refuses_until_the_first_is_gone(job, tmp_path, tiny_flax, cache_dir):
-    from rival_jax.jobs.outputs import output_lock
+    from rival_jax.jobs.locks import output_lock
 
     output = tmp_path / "out"
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import time; from rival_jax.jobs.outputs import output_lock\n"
+            "import time; from rival_jax.jobs.locks import output_lock\n"
             f"with output_lock({str(output)!r}): print('locked', flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,

@@ -152,7 +152,7 @@ def test_written_files_get_the_umask_mode(tmp_path):
 
     from PIL import Image
 
-    from rival_jax.images import save_json, save_png
+    from rival_jax.files import save_json, save_png
 
     previous = os.umask(0o022)
     try:

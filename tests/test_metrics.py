@@ -1,4 +1,5 @@
-"""Metrics on hand-computed cases: KID, palettes, CLIP cosine and loading, the torch-free .pth reader, Inception."""
+"""Metrics on hand-computed cases: KID, palettes, CLIP cosine and loading, the torch-free .pth reader, Inception,
+the fixed-size batches feature extractors run in."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ from flax.traverse_util import flatten_dict
 from PIL import Image
 
 from rival_jax.errors import RivalError
+from rival_jax.metrics.batched import BATCH, run_batched
 from rival_jax.metrics.clip import cosine, load_clip, mean_pairwise_distance, write_tiny_clip
-from rival_jax.metrics.inception import FIDInceptionV3, inception_layout, load_inception
+from rival_jax.metrics.inception import (
+    FEATURES,
+    FIDInceptionV3,
+    inception_features,
+    inception_layout,
+    load_inception,
+)
 from rival_jax.metrics.kid import kid, mmd2_unbiased, polynomial_kernel
 from rival_jax.metrics.palette import palette, palette_distance
 from rival_jax.metrics.torch_checkpoint import read_torch_state_dict
@@ -254,3 +262,35 @@ def test_fid_inception_loads_pytorch_names_and_gives_2048_features(tmp_path):
     np.savez(tmp_path / "incomplete.npz", **state)
     with pytest.raises(RivalError, match="lacks 1 of"):
         load_inception(tmp_path / "incomplete.npz")
+
+
+def test_inception_scores_images_of_different_sizes_as_the_model_resizes_each_one():
+    layout = inception_layout()
+    params = random_params(layout, jax.random.PRNGKey(4))
+    statistics = {"mean": np.zeros, "var": np.ones}  # random variances would be negative
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: statistics[path[-1].key](leaf.shape, np.float32) if path[-1].key in statistics else leaf,
+        params,
+    )
+    rng = np.random.default_rng(5)
+    wide, tall = (Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((48, 64, 3), (70, 40, 3)))
+    features = inception_features(params, [wide, tall, wide])
+    assert features.shape == (3, FEATURES) and np.isfinite(features).all()
+    assert not np.allclose(features[0], features[1])
+    pixels = np.asarray(tall, np.float32)[None] / 255.0
+    alone = jax.jit(lambda p, x: FIDInceptionV3().apply({"params": p}, x))(params, pixels)
+    np.testing.assert_allclose(features[1], alone[0], rtol=1e-4, atol=1e-5 * np.abs(alone).max())
+
+
+def test_batched_runs_pad_the_last_batch_and_drop_the_padding():
+    calls = []
+
+    def program(params, batch):
+        calls.append(batch.shape)
+        return batch * params
+
+    inputs = np.arange(BATCH + 3, dtype=np.float32)[:, None]
+    outputs = run_batched(program, 2.0, inputs)
+    assert calls == [(BATCH, 1), (BATCH, 1)]
+    np.testing.assert_array_equal(outputs, 2.0 * inputs)
+    assert outputs.dtype == np.float32

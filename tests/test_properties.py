@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -24,8 +25,8 @@ from PIL import Image
 
 from rival_jax.errors import RivalError
 from rival_jax.images import mask_region, open_mask
-from rival_jax.jobs.common import JOB_DEFAULTS
 from rival_jax.jobs.manifest import read_rows
+from rival_jax.jobs.options import GenerateOptions
 from rival_jax.jobs.settings import ROW_FIELDS
 from rival_jax.options import FIELDS as RUN_OPTION_FIELDS
 
@@ -129,7 +130,9 @@ class ComputeReached(Exception):
     """Raised where a job would start computing: every check before it passed."""
 
 
-CONFIG_KEYS = (*JOB_DEFAULTS, *RUN_OPTION_FIELDS, *ROW_FIELDS, "batch_size", "source", "unknown key", "ü")
+# Job options of generate and augment's own but the multi-host ones (they would start jax.distributed).
+JOB_FIELDS = (*(field.name for field in dataclasses.fields(GenerateOptions)), "source", "batch_size")
+CONFIG_KEYS = (*JOB_FIELDS, *RUN_OPTION_FIELDS, *ROW_FIELDS, "unknown key", "ü")
 
 
 @settings(max_examples=60, deadline=None, database=None)

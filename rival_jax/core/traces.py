@@ -87,7 +87,7 @@ class GenerationTraces:
         latent_stat_distance: (T,).
 
     >>> out = pipe.generate(chain, num_variations=4, return_traces=True)
-    >>> images.save_json(out.traces.as_json(), "traces.json")
+    >>> files.save_json(out.traces.as_json(), "traces.json")
     """
 
     timesteps: np.ndarray

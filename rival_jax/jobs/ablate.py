@@ -23,20 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rival_jax import images
+from rival_jax import files
 from rival_jax.errors import RivalError
 from rival_jax.jobs.augment import run_augment
-from rival_jax.jobs.common import check_control, load_pipeline, log, prepare_runtime, show_progress
+from rival_jax.jobs.common import Interrupted, check_control, load_pipeline, log, prepare_runtime, show_progress
+from rival_jax.jobs.evaluate import SUMMARY_KEYS, evaluate_folder
 from rival_jax.jobs.manifest import read_rows
+from rival_jax.jobs.options import DEFAULT_BATCH_SIZE, AblateOptions
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
 
 SWITCHES = ("attention_injection", "early_replacement", "latent_alignment", "noise_alignment")
 THRESHOLDS = ("t_align", "t_early")
-DEFAULT_VALUES = (400, 600, 800)
-METRICS = ("clip_image", "clip_text", "palette", "kid", "kid_std", "diversity")
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,7 @@ def run_ablation(
     output: str | Path,
     evaluate: Callable[[Path], dict[str, Any]],
     model: str,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate and score every setting; returns the table rows (also written, see `write_table`).
@@ -113,14 +112,17 @@ def run_ablation(
         if not rows:
             raise RivalError(f"{source} has no usable exemplar ({'; '.join(problems) or 'it is empty'})")
         folder = output / setting.name
-        summary = run_augment(pipe, rows, folder, batch_size, problems=problems, show_progress=progress)
+        try:
+            summary = run_augment(pipe, rows, folder, batch_size, problems=problems, show_progress=progress)
+        except Interrupted as interrupt:
+            raise Interrupted(f"{len(table)} of {len(settings)} settings finished; {interrupt.finished}") from None
         log(f"{setting.name}: {summary.line()}")
         scores = _scores(folder, summary.generated, evaluate)
         config = merge_settings(base, setting.overrides)["config"]
         described = {"setting": setting.name, "group": setting.group}
         described |= {name: getattr(config, name) for name in (*THRESHOLDS, *SWITCHES)}
         described["images"] = summary.generated + summary.already_done
-        table.append(described | {metric: scores.get(metric) for metric in METRICS})
+        table.append(described | {metric: scores.get(metric) for metric in SUMMARY_KEYS})
     return table
 
 
@@ -140,12 +142,12 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
 
 def write_table(table: list[dict[str, Any]], output: Path) -> None:
     """ablation.json and ablation.csv, each written atomically."""
-    images.save_json({"settings": table}, output / "ablation.json")
+    files.save_json({"settings": table}, output / "ablation.json")
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(table[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(table)
-    images.write_atomic(output / "ablation.csv", lambda handle: handle.write(text.getvalue()), binary=False)
+    files.write_atomic(output / "ablation.csv", lambda handle: handle.write(text.getvalue()), binary=False)
 
 
 def plot_thresholds(table: list[dict[str, Any]], output: Path) -> Path:
@@ -156,7 +158,7 @@ def plot_thresholds(table: list[dict[str, Any]], output: Path) -> Path:
     import matplotlib.pyplot as plt
 
     full = next(row for row in table if row["setting"] == "full")
-    shown = [m for m in METRICS if m != "kid_std" and any(row[m] is not None for row in table)] or ["clip_image"]
+    shown = [m for m in SUMMARY_KEYS if m != "kid_std" and any(row[m] is not None for row in table)] or ["clip_image"]
     figure, axes = plt.subplots(1, len(shown), figsize=(3.4 * len(shown), 3.0), squeeze=False)
     for axis, metric in zip(axes[0], shown, strict=True):
         for threshold in THRESHOLDS:
@@ -173,50 +175,43 @@ def plot_thresholds(table: list[dict[str, Any]], output: Path) -> Path:
         else:
             axis.text(0.5, 0.5, "no scores", ha="center", va="center", transform=axis.transAxes)
     figure.tight_layout()
-    path = images.write_atomic(output / "ablation-thresholds.png", lambda handle: figure.savefig(handle, format="png"))
+    path = files.write_atomic(output / "ablation-thresholds.png", lambda handle: figure.savefig(handle, format="png"))
     plt.close(figure)
     return path
 
 
-def run_ablate_job(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> int:
+def run_job(job: AblateOptions, options: RunOptions, row: dict[str, Any]) -> int:
     """`rival-jax ablate`: Table 3's rows and the threshold sweep over a folder or manifest, scored.
 
     Args:
-        job: `jobs.JOB_DEFAULTS` keys plus "source", "batch_size", "t_align_values",
-            "t_early_values" (None: 400, 600, 800), "clip" (None: "tiny" for the tiny models, else
-            openai/clip-vit-large-patch14) and "inception" (FID Inception weights for KID, or None).
+        job: the job options (source, swept values, the scoring CLIP and Inception weights, ...).
         options: the pipeline's run options.
         row: settings every setting starts from.
 
-    >>> run_ablate_job({**JOB_DEFAULTS, "source": "photos/", "batch_size": 8, ...}, RunOptions(), {"steps": 50})
+    >>> run_job(AblateOptions(source="photos/", output="ablation"), RunOptions(), {"steps": 50})
+    0
     """
     check_control(options, merge_settings(row))
-    if job["batch_size"] < 1:
-        raise RivalError(f"--batch-size {job['batch_size']} is out of range: use an integer >= 1")
-    values = {name: tuple(job[f"{name}_values"] or DEFAULT_VALUES) for name in THRESHOLDS}
-    settings = ablation_settings(row, values)
-    inception = Path(job["inception"]) if job["inception"] else None
+    settings = ablation_settings(row, {name: getattr(job, f"{name}_values") for name in THRESHOLDS})
+    inception = Path(job.inception) if job.inception else None
     if inception is not None and not inception.is_file():
         raise RivalError(f"--inception {inception} does not exist: give the FID Inception weights file")
-    clip = job["clip"] or ("tiny" if str(job["model"]).startswith("tiny") else DEFAULT_CLIP)
-    rows, problems = read_rows(job["source"], row, str(job["model"]))
+    rows, problems = read_rows(job.source, row, str(job.model))
     if not rows:
-        raise RivalError(f"{job['source']} has no usable exemplar ({'; '.join(problems) or 'it is empty'})")
-    from rival_jax.jobs.evaluate import evaluate_folder
-
+        raise RivalError(f"{job.source} has no usable exemplar ({'; '.join(problems) or 'it is empty'})")
     prepare_runtime(job)
-    output = Path(job["output"])
+    output, clip, cache_dir = Path(job.output), job.scoring_clip, Path(job.cache_dir) if job.cache_dir else None
     with CompileTimer() as compiling:
         pipe = load_pipeline(job, options)
         table = run_ablation(
             pipe,
-            job["source"],
+            job.source,
             row,
             settings,
             output,
-            lambda folder: evaluate_folder(folder, clip, inception),
-            str(job["model"]),
-            job["batch_size"],
+            lambda folder: evaluate_folder(folder, clip, inception, cache_dir=cache_dir),
+            str(job.model),
+            job.batch_size,
             show_progress(job),
         )
     write_table(table, output)

@@ -26,11 +26,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rival_jax import images
-from rival_jax.errors import RivalError
+from rival_jax import files
 from rival_jax.jobs.common import (
+    Interrupted,
     check_control,
-    check_job,
     load_pipeline,
     log,
     one_line,
@@ -38,9 +37,10 @@ from rival_jax.jobs.common import (
     show_progress,
 )
 from rival_jax.jobs.hosts import initialize_distributed, process_share
+from rival_jax.jobs.locks import check_output, output_lock
 from rival_jax.jobs.manifest import Row, read_rows
-from rival_jax.jobs.outputs import check_output, output_lock
-from rival_jax.jobs.records import RecordLog, finished_items, remove_stale_temporaries
+from rival_jax.jobs.options import DEFAULT_BATCH_SIZE, AugmentOptions
+from rival_jax.jobs.records import RecordLog, finished_items, new_record, remove_stale_temporaries
 from rival_jax.jobs.row_groups import run_rows
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
@@ -80,7 +80,7 @@ def run_augment(
     pipe: Any,
     rows: list[Row],
     output: str | os.PathLike,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     process_index: int = 0,
     process_count: int = 1,
     problems: list[str] | tuple[str, ...] = (),
@@ -93,6 +93,8 @@ def run_augment(
     `problems` are the rows `read_rows` could not use; process 0 reports and counts them. With
     `overwrite` the images this process's records list, and the records, are removed first: the
     job starts over (files no record lists are never removed; images of the same names are replaced).
+    Interrupted (Ctrl-C), it raises `Interrupted` saying how many images are finished: every one of
+    them is whole and recorded, so a rerun resumes after them.
     """
     output = Path(output)
     image_dir = output / "images"
@@ -115,8 +117,8 @@ def run_augment(
     for row, index in items:
         if (row.key, index) in done:
             summary.already_done += 1
-        elif not overwrite and (images.png_metadata(image_dir / row.file_name(index)) or {}).get("key") == row.key:
-            records.append(_record(row, index, adopted=True))
+        elif not overwrite and (files.png_metadata(image_dir / row.file_name(index)) or {}).get("key") == row.key:
+            records.append(new_record(row, index, pipe.random_weights, adopted=True))
             summary.already_done += 1
         else:
             todo.setdefault(row.number, []).append(index)
@@ -126,8 +128,8 @@ def run_augment(
     )
 
     def save(row: Row, index: int, image: Any) -> None:
-        images.save_png(image, image_dir / row.file_name(index), {"key": row.key, "variation_index": index})
-        records.append(_record(row, index))
+        files.save_png(image, image_dir / row.file_name(index), {"key": row.key, "variation_index": index})
+        records.append(new_record(row, index, pipe.random_weights))
         summary.generated += 1
         bar.update(1)
 
@@ -140,53 +142,39 @@ def run_augment(
         summary.problems.append(one_line(f"row {number} {kind}: {message}"))
         log(summary.problems[-1])
 
-    with CompileTimer() as compiling, bar:
-        run_rows(pipe, [(by_number[number], indices) for number, indices in todo.items()], batch_size, save, report)
+    try:
+        with CompileTimer() as compiling, bar:
+            work = [(by_number[number], indices) for number, indices in todo.items()]
+            run_rows(pipe, work, batch_size, save, report)
+    except KeyboardInterrupt:
+        finished = summary.generated + summary.already_done
+        raise Interrupted(f"{finished} of {len(items)} images finished in {output}") from None
     summary.seconds, summary.compile_seconds = time.perf_counter() - started, compiling.seconds
     return summary
 
 
-def _record(row: Row, index: int, adopted: bool = False) -> dict[str, Any]:
-    settings = {k: v for k, v in row.settings.items() if k != "config"}
-    return {
-        "key": row.key,
-        "row": row.number,
-        "image": str(row.image),
-        "variation_index": index,
-        "file": f"images/{row.file_name(index)}",
-        "settings": settings,
-        "adopted": adopted,
-    }
-
-
-def run_augment_job(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> int:
+def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> int:
     """`rival-jax augment`: this process's share of a manifest or image folder, resumable.
 
     Every input and the output folder are checked, and the folder locked for this process index,
     before a model loads.
 
     Args:
-        job: `jobs.JOB_DEFAULTS` keys plus "source", "batch_size" and the multi-host options
-            ("coordinator", "num_processes", "process_id", "distributed").
+        job: the job options (source, batch size, output, the multi-host options, ...).
         options: the pipeline's run options.
         row: settings every row starts from (a manifest row overrides them).
 
     Returns:
         The exit code: 0 when every row was done, 1 when any row was skipped or failed.
 
-    >>> run_augment_job({**JOB_DEFAULTS, "source": "photos/", "batch_size": 8, ...}, RunOptions(), {})
+    >>> run_job(AugmentOptions(source="photos/", output="augmented"), RunOptions(), {"steps": 50})
     """
-    check_job(job)
     check_control(options, merge_settings(row))
-    if job["batch_size"] < 1:
-        raise RivalError(f"--batch-size {job['batch_size']} is out of range: use an integer >= 1")
-    output = check_output(job["output"])
-    rows, problems = read_rows(job["source"], row, str(job["model"]))
+    output = check_output(job.output)
+    rows, problems = read_rows(job.source, row, str(job.model))
     process_index, process_count = 0, 1
-    if job["coordinator"] or job["distributed"]:
-        process_index, process_count = initialize_distributed(
-            job["coordinator"], job["num_processes"], job["process_id"]
-        )
+    if job.multi_host:
+        process_index, process_count = initialize_distributed(job.coordinator, job.num_processes, job.process_id)
         log(f"process {process_index} of {process_count}")
     with output_lock(output, process_index):
         prepare_runtime(job)
@@ -195,12 +183,12 @@ def run_augment_job(job: dict[str, Any], options: RunOptions, row: dict[str, Any
             pipe,
             rows,
             output,
-            batch_size=job["batch_size"],
+            batch_size=job.batch_size,
             process_index=process_index,
             process_count=process_count,
             problems=problems,
             show_progress=show_progress(job),
-            overwrite=job["overwrite"],
+            overwrite=job.overwrite,
         )
     log(summary.line())
     print(output)

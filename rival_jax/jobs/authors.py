@@ -5,6 +5,8 @@
   `atten_frames` -1 switches attention injection off (their release's switch); 1 or 2 keep it on
   (their layer overwrites the value per step: exemplar only while t > t_align, then both).
   rival-jax inverts and generates with one step count, so `invert_step` must equal `ddim_step`.
+  Their attention layer compares `t_align` with a step counter that runs one below the timestep,
+  so it is read as `t_align` + 1 (`from_step_counter`) and kept as `authors_t_align`.
 - Image config (`assets/images/configs_*.json`, an augmentation manifest): `image_root`,
   `prompt_postfix` (appended to every prompt), `neg_prompt` (appended to the negative prompt) and
   `image_exps` rows of `prompt`, `image_path`, `exp_name`, and per task `mask_path` (inpainting),
@@ -32,8 +34,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from rival_jax import images
+from rival_jax import files, images
 from rival_jax.errors import RivalError
+from rival_jax.runtime import default_cache_dir
 
 INFERENCE_SECTIONS = {
     "self_attn": ("t_align", "atten_frames"),
@@ -42,6 +45,20 @@ INFERENCE_SECTIONS = {
 IMAGE_CONFIG_KEYS = ("image_root", "prompt_postfix", "neg_prompt", "image_exps")
 IMAGE_ROW_KEYS = ("prompt", "image_path", "exp_name", "mask_path", "control_image_path", "mode", "prompt_ori")
 CONTROL_MODES = ("canny", "depth", "seg", "openpose", "normal", "hed", "mlsd", "scribble")
+
+
+def from_step_counter(threshold: int, largest: int) -> int:
+    """Our timestep threshold for one the authors' attention layer compares with its step counter.
+
+    Their layer counts `init_step = 1000 - (k + 1) * (1000 // T)` in step k, which is t - 1 for
+    the DDIM timesteps (`steps_offset` 1) of every step count T that divides 1000 (their 10, 20,
+    25, 50), so their `init_step > threshold` is our `t > threshold + 1`. Clamped to 0..`largest`
+    (999 for `t_align`, 1000 for `editing_start`): past the ends the stages are the same.
+
+    >>> from_step_counter(600, 999), from_step_counter(900, 1000)
+    (601, 901)
+    """
+    return min(max(threshold + 1, 0), largest)
 
 
 def is_inference_config(values: dict[str, Any]) -> bool:
@@ -65,7 +82,7 @@ def inference_settings(values: dict[str, Any], source: str | Path) -> dict[str, 
         source: its name, for messages.
 
     >>> inference_settings({"self_attn": {"t_align": 600}, "inference": {"cfg": 5}}, "c.json")
-    {'t_align': 600, 'guidance_scale': 5.0}
+    {'t_align': 601, 'authors_t_align': 600, 'guidance_scale': 5.0}
     """
     _check_keys(f"config file {source}", values, tuple(INFERENCE_SECTIONS))
     attention, inference = values.get("self_attn", {}), values.get("inference", {})
@@ -73,7 +90,10 @@ def inference_settings(values: dict[str, Any], source: str | Path) -> dict[str, 
         _check_keys(f"config file {source}, section {section}", values.get(section, {}), keys)
     settings: dict[str, Any] = {}
     if "t_align" in attention:
-        settings["t_align"] = attention["t_align"]
+        theirs = attention["t_align"]
+        if not isinstance(theirs, int) or isinstance(theirs, bool):
+            raise RivalError(f"config file {source}: t_align={theirs!r} is not an integer")
+        settings["t_align"], settings["authors_t_align"] = from_step_counter(theirs, 999), theirs
     frames = attention.get("atten_frames")
     if frames is not None:
         if frames not in (-1, 1, 2) or isinstance(frames, bool):
@@ -130,15 +150,13 @@ def _image_root(path: Path, root: str) -> Path:
 
 def _converted_mask(mask: Path, exemplar: Path) -> str:
     """The authors' mask (black = regenerate, any size) as a rival-jax mask (white, exemplar's size) in the cache."""
-    from rival_jax.models.loading import default_cache_dir
-
     size = images.open_image(exemplar).size
     source = images.open_image(mask, "mask")
     digest = hashlib.sha256(mask.read_bytes() + f"{size}".encode()).hexdigest()[:20]
     target = default_cache_dir() / "authors-masks" / f"{digest}.png"
     if not target.is_file():
         converted = ImageOps.invert(source.convert("L")).resize(size, Image.Resampling.NEAREST)
-        images.save_png(converted, target)
+        files.save_png(converted, target)
     return str(target)
 
 

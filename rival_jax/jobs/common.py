@@ -1,12 +1,11 @@
-"""What every job (`generate`, `augment`) does around the pipeline: runtime, model, exemplars, logging.
+"""What every job does around the pipeline: runtime, model, exemplars, logging, interruption.
 
-A job receives the run options (`RunOptions`), the job options (`JOB_DEFAULTS`) and per-exemplar
-settings (`settings`), already layered by the CLI or a config file.
+A job that loads a model receives its job options (`jobs.options`), the run options (`RunOptions`)
+and per-exemplar settings (`jobs.settings`), already layered by the CLI or a config file.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,46 +15,16 @@ from PIL import Image
 
 from rival_jax import images
 from rival_jax.errors import RivalError
+from rival_jax.jobs.options import CommonOptions, JobOptions
 from rival_jax.options import RunOptions
 
-# Options of a job that are neither run options of the pipeline nor per-exemplar settings.
-JOB_DEFAULTS: dict[str, Any] = {
-    "model": "tiny",
-    "output": "rival-output",
-    "cache_dir": None,
-    "compile_cache": True,
-    "progress": None,
-    "overwrite": False,
-}
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job, saying what was finished (kept: rerunning the same command resumes from it)."""
 
-# Accepted types of job options (those of `JOB_DEFAULTS` and the commands' own), as a config file may give them.
-_PATH, _NONE = (str, os.PathLike), type(None)
-JOB_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "model": (_PATH, "a path or hub id"),
-    "output": (_PATH, "a folder path"),
-    "cache_dir": ((*_PATH, _NONE), "a folder path"),
-    "compile_cache": ((bool, *_PATH), "a folder path or a boolean"),
-    "progress": ((bool, _NONE), "a boolean"),
-    "overwrite": ((bool,), "a boolean"),
-    "traces": ((bool,), "a boolean"),
-    "exemplar": ((*_PATH, _NONE), "a file path"),
-    "source": (_PATH, "a manifest or folder path"),
-    "batch_size": ((int,), "an integer"),
-    "coordinator": ((str, _NONE), "host:port text"),
-    "num_processes": ((int, _NONE), "an integer"),
-    "process_id": ((int, _NONE), "an integer"),
-    "distributed": ((bool,), "a boolean"),
-}
-
-
-def check_job(job: dict[str, Any]) -> None:
-    """Job options of the wrong type (say from a config file) are one-line errors, not tracebacks later."""
-    for name, value in job.items():
-        accepted, kind = JOB_TYPES.get(name, ((object,), ""))
-        wrong_bool = isinstance(value, bool) and bool not in accepted
-        if wrong_bool or not isinstance(value, accepted) or (str in accepted and value == ""):
-            raise RivalError(f"{name}={value!r} is not {kind}: fix it in the config file or on the command line")
+    def __init__(self, finished: str) -> None:
+        super().__init__(finished)
+        self.finished = finished
 
 
 def log(message: str) -> None:
@@ -67,31 +36,32 @@ def one_line(message: object) -> str:
     return str(message).replace("\r", "\\r").replace("\n", "\\n")
 
 
-def prepare_runtime(job: dict[str, Any]) -> None:
+def prepare_runtime(job: JobOptions) -> None:
     """Process-wide settings: the persistent compilation cache unless switched off."""
     from rival_jax.runtime import enable_compilation_cache
 
-    if job["compile_cache"]:
-        enable_compilation_cache(None if job["compile_cache"] is True else job["compile_cache"])
+    if job.compile_cache:
+        enable_compilation_cache(None if job.compile_cache is True else job.compile_cache)
 
 
-def load_pipeline(job: dict[str, Any], options: RunOptions) -> Any:
+def load_pipeline(job: JobOptions, options: RunOptions) -> Any:
     """The job's `RivalPipeline`, with a line about the model and devices on stderr."""
     from rival_jax.pipeline import RandomWeightsWarning, RivalPipeline, random_weights_notice
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)  # said below, in the job's words
-        pipe = RivalPipeline.from_pretrained(job["model"], options=options, cache_dir=job["cache_dir"] or True)
+        pipe = RivalPipeline.from_pretrained(job.model, options=options, cache_dir=job.cache_dir or True)
     if pipe.random_weights:
-        log(f"model: {random_weights_notice(job['model'], pipe.models.family)} (use --model for a real checkpoint)")
+        log(f"model: {random_weights_notice(job.model, pipe.models.family)} (use --model for a real checkpoint)")
     sources = ", ".join(f"{k}: {v}" for k, v in pipe.models.sources.items())
     devices = f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].platform}"
     log(f"model: {pipe.models.path} ({pipe.models.family}; {sources}); devices: {devices}")
     return pipe
 
 
-def show_progress(job: dict[str, Any]) -> bool:
-    return sys.stderr.isatty() if job["progress"] is None else bool(job["progress"])
+def show_progress(job: CommonOptions) -> bool:
+    """The job's --progress/--no-progress, else whether stderr is a terminal."""
+    return sys.stderr.isatty() if job.progress is None else job.progress
 
 
 def check_control(options: RunOptions, settings: dict[str, Any]) -> None:

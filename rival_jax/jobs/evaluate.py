@@ -18,15 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from rival_jax import images
+from rival_jax import files, images
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import log
+from rival_jax.jobs.locks import SIDECAR
+from rival_jax.jobs.options import DEFAULT_CLIP, EvaluateOptions
+from rival_jax.jobs.records import RECORDS_GLOB, read_records
 from rival_jax.metrics.clip import check_clip_name, cosine, load_clip, mean_pairwise_distance
 from rival_jax.metrics.kid import kid
 from rival_jax.metrics.palette import palette, palette_distance
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-KID_FEATURES = ("inception", "clip")
 CSV_COLUMNS = ("file", "exemplar", "prompt", "clip_image", "clip_text", "palette")
 SUMMARY_KEYS = ("clip_image", "clip_text", "palette", "kid", "kid_std", "diversity")
 
@@ -41,8 +42,9 @@ class Entry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Outputs:
-    """What an output folder holds: its kind, its images, whether its generator had random weights, traces."""
+class FolderImages:
+    """The images an output folder holds: the job kind, one entry per image, whether the generator had random
+    weights (None: its records do not say), and its traces."""
 
     kind: str
     entries: list[Entry]
@@ -50,25 +52,20 @@ class Outputs:
     traces: dict | None
 
 
-def _generate_entries(folder: Path) -> Outputs:
+def _generate_entries(folder: Path) -> FolderImages:
     try:
-        sidecar = json.loads((folder / "rival.json").read_text())
+        sidecar = json.loads((folder / SIDECAR).read_text())
         entries = [Entry(i["file"], folder / "exemplar.png", sidecar["prompt"]) for i in sidecar["images"]]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise RivalError(f"{folder / 'rival.json'} is not a generate sidecar ({error}): rerun generate") from None
-    return Outputs("generate", entries, bool(sidecar.get("random_weights")), None)
+        raise RivalError(f"{folder / SIDECAR} is not a generate sidecar ({error}): rerun generate") from None
+    return FolderImages("generate", entries, bool(sidecar.get("random_weights")), None)
 
 
-def _augment_entries(folder: Path) -> Outputs:
-    entries: dict[str, Entry] = {}
-    for path in sorted(folder.glob("records-*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                entries[record["file"]] = Entry(record["file"], Path(record["image"]), record["settings"]["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by a kill
-    return Outputs("augment", list(entries.values()), None, None)
+def _augment_entries(folder: Path) -> FolderImages:
+    records = read_records(folder)
+    entries = {record.file: Entry(record.file, record.image, record.prompt) for record in records}
+    said = {record.random_weights for record in records} - {None}
+    return FolderImages("augment", list(entries.values()), True in said if said else None, None)
 
 
 def _read_traces(folder: Path) -> dict | None:
@@ -87,17 +84,17 @@ def _read_traces(folder: Path) -> dict | None:
         return None
 
 
-def read_outputs(folder: str | Path) -> Outputs:
-    """The images of a `generate` (rival.json) or `augment` (records-*.jsonl) folder, every file checked to exist."""
+def read_folder(folder: str | Path) -> FolderImages:
+    """The images of a `generate` (its sidecar) or `augment` (its records) folder, every file checked to exist."""
     folder = Path(folder)
     if not folder.is_dir():
         raise RivalError(f"output folder {folder} does not exist: pass the -o folder of generate or augment")
-    if (folder / "rival.json").is_file():
+    if (folder / SIDECAR).is_file():
         outputs = _generate_entries(folder)
-    elif any(folder.glob("records-*.jsonl")):
+    elif any(folder.glob(RECORDS_GLOB)):
         outputs = _augment_entries(folder)
     else:
-        raise RivalError(f"{folder} holds no rival.json or records-*.jsonl: pass the -o folder of generate or augment")
+        raise RivalError(f"{folder} holds no {SIDECAR} or {RECORDS_GLOB}: pass the -o folder of generate or augment")
     if not outputs.entries:
         raise RivalError(f"{folder} records no images: generate some first")
     for entry in outputs.entries:
@@ -124,7 +121,7 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def _score(folder: Path, outputs: Outputs, clip: Any, kid_params: dict | None, seed: int) -> dict[str, Any]:
+def _score(folder: Path, outputs: FolderImages, clip: Any, kid_params: dict | None, seed: int) -> dict[str, Any]:
     """Per-image rows, per-exemplar rows and the summary."""
     pictures = [images.as_rgb(images.open_image(folder / e.file, "image")) for e in outputs.entries]
     groups: dict[Path, list[int]] = {}
@@ -186,7 +183,7 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writeheader()
         writer.writerows({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS} for row in rows)
 
-    images.write_atomic(path, write, binary=False)
+    files.write_atomic(path, write, binary=False)
 
 
 def evaluate_folder(
@@ -203,7 +200,7 @@ def evaluate_folder(
     Models stay loaded between calls in one process (an ablation evaluates many folders).
 
     Args:
-        folder: a `generate` (rival.json) or `augment` (records-*.jsonl) output folder.
+        folder: a `generate` (its sidecar) or `augment` (its records) output folder.
         clip: CLIP model folder, hub id, or "tiny" (random weights, for tests).
         inception: FID Inception weights (.pth, .safetensors or .npz) for KID; None uses CLIP image features.
         kid_features: "inception" or "clip" (default: inception when a file is given, else clip).
@@ -219,17 +216,14 @@ def evaluate_folder(
     >>> evaluate_folder(Path("rival-output"), clip="openai/clip-vit-large-patch14")["clip_image"]
     """
     folder = Path(folder)
-    kid_features = kid_features or ("inception" if inception else "clip")
-    if kid_features not in KID_FEATURES:
-        raise RivalError(f"--kid-features {kid_features!r} is unknown: use inception or clip")
-    if kid_features == "inception" and inception is None:
-        raise RivalError("--kid-features inception needs the weights: add --inception pt_inception-...pth")
+    checked = EvaluateOptions(folder=folder, clip=clip, inception=inception, kid_features=kid_features, seed=seed)
+    kid_features = checked.features
     if inception is not None:
         from rival_jax.metrics.inception import check_inception_file
 
         inception = check_inception_file(inception)
     check_clip_name(str(clip))
-    outputs = read_outputs(folder)
+    outputs = read_folder(folder)
     started = time.perf_counter()
     scorer = _clip(str(clip), Path(cache_dir) if cache_dir else None)
     if scorer.random_weights:
@@ -244,34 +238,31 @@ def evaluate_folder(
     }
     if inception is not None:
         metrics["models"]["inception"] = str(inception)
-    images.save_json(metrics, folder / "metrics.json")
+    files.save_json(metrics, folder / "metrics.json")
     _write_csv(metrics["images"], folder / "metrics.csv")
     if report:
-        from rival_jax.report import write_report
+        from rival_jax.metrics.report import write_report
 
         write_report(folder / "report.html", metrics, folder, outputs.traces)
     log(f"evaluated {len(outputs.entries)} images in {time.perf_counter() - started:.1f} s")
     return metrics["summary"]
 
 
-def run_evaluate(job: dict[str, Any]) -> Path:
+def run_job(job: EvaluateOptions) -> int:
     """`rival-jax evaluate`: score an output folder; prints the report's path.
 
-    Args:
-        job: "folder", "clip", "inception", "kid_features", "cache_dir", "seed".
-
-    >>> run_evaluate({"folder": "out", "clip": "tiny", "inception": None, "kid_features": None, ...})
+    >>> run_job(EvaluateOptions(folder="rival-output", clip="tiny"))
+    0
     """
-    folder = Path(job["folder"])
     summary = evaluate_folder(
-        folder,
-        clip=job["clip"],
-        inception=Path(job["inception"]) if job["inception"] else None,
-        kid_features=job["kid_features"],
-        cache_dir=job["cache_dir"],
-        seed=job["seed"],
+        Path(job.folder),
+        clip=job.clip,
+        inception=Path(job.inception) if job.inception else None,
+        kid_features=job.kid_features,
+        cache_dir=Path(job.cache_dir) if job.cache_dir else None,
+        seed=job.seed,
     )
     shown = ", ".join(f"{k} {summary[k]:.4g}" for k in SUMMARY_KEYS if summary[k] is not None)
     log(f"summary: {shown}")
-    print(folder / "report.html")
-    return folder
+    print(Path(job.folder) / "report.html")
+    return 0

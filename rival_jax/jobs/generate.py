@@ -10,48 +10,53 @@ from typing import Any
 
 import numpy as np
 
-from rival_jax import example_image, images
+from rival_jax import example_image, files, images
 from rival_jax.jobs.common import (
+    Interrupted,
     check_control,
-    check_job,
     load_pipeline,
     log,
     prepare_runtime,
     read_exemplar,
     show_progress,
 )
-from rival_jax.jobs.outputs import check_generate_output, output_lock, recorded_files, remove_files
+from rival_jax.jobs.locks import SIDECAR, check_generate_output, output_lock, recorded_files, remove_files
+from rival_jax.jobs.options import GenerateOptions
 from rival_jax.jobs.settings import CONTROL_FIELDS, generation_arguments, merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
 
 
-def run_generate(job: dict[str, Any], options: RunOptions, row: dict[str, Any]) -> Path:
-    """Invert the exemplar, generate, and write the variations, `exemplar.png`, `grid.png` and `rival.json`.
+def run_job(job: GenerateOptions, options: RunOptions, row: dict[str, Any]) -> int:
+    """Invert the exemplar, generate, and write the variations, `exemplar.png`, `grid.png` and the sidecar.
 
     Every input and the output folder are checked before a model loads. A folder holding an earlier
-    result is refused unless `job["overwrite"]`; then the files its `rival.json` recorded are removed
-    right before the new ones are written (see `jobs.outputs`).
+    result is refused unless `job.overwrite`; then the files its sidecar (`SIDECAR`) recorded are
+    removed right before the new ones are written (see `jobs.locks`). Interrupted while writing, the
+    files this run wrote are removed again, so the folder never holds half a result.
 
     Args:
-        job: `jobs.JOB_DEFAULTS` keys plus "exemplar" (a path; default: the bundled photograph) and
-            "traces" (also write `traces.json`, see `core.traces`; default off).
+        job: the job options; `exemplar` None is the bundled photograph, `traces` also writes
+            `traces.json` (see `core.traces`).
         options: the pipeline's run options.
         row: per-exemplar settings (`settings.ROW_FIELDS`).
 
-    >>> run_generate({**JOB_DEFAULTS, "exemplar": "photo.jpg"}, RunOptions(), {"prompt": "a cat"})
+    Returns:
+        The exit code, 0.
+
+    >>> run_job(GenerateOptions(exemplar="photo.jpg"), RunOptions(), {"prompt": "a cat"})
     """
-    check_job(job)
     settings = merge_settings(row)
     check_control(options, settings)
-    exemplar_path = job.get("exemplar") or str(example_image())
+    exemplar_path = job.exemplar or str(example_image())
     exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"], options)
-    output = check_generate_output(job["output"], job["overwrite"])
+    output = check_generate_output(job.output, job.overwrite)
     with output_lock(output):
-        return _generate(job, options, settings, exemplar_path, (exemplar, mask, control_maps), output)
+        _generate(job, options, settings, exemplar_path, (exemplar, mask, control_maps), output)
+    return 0
 
 
-def _generate(job, options, settings, exemplar_path, inputs, output: Path) -> Path:
+def _generate(job: GenerateOptions, options, settings, exemplar_path, inputs, output: Path) -> None:
     exemplar, mask, control_maps = inputs
     prepare_runtime(job)
     show = show_progress(job)
@@ -68,7 +73,7 @@ def _generate(job, options, settings, exemplar_path, inputs, output: Path) -> Pa
             num_variations=settings["num_variations"],
             mask=mask,
             show_progress=show,
-            return_traces=bool(job.get("traces", False)),
+            return_traces=job.traces,
         )
         generation_seconds = time.perf_counter() - clock
     timings = {
@@ -81,17 +86,31 @@ def _generate(job, options, settings, exemplar_path, inputs, output: Path) -> Pa
     earlier = recorded_files(output)
     if earlier:
         log(f"--overwrite: removing the {remove_files(earlier)} files of the earlier result in {output}")
-    files = []
+    written: list[Path] = []
+    try:
+        _write(job, options, settings, exemplar_path, (pipe, chain, result, timings), output, written)
+    except KeyboardInterrupt:
+        remove_files(written)
+        raise Interrupted(f"no result was written to {output}") from None
+    runs = ", ".join(f"{label} {t['run_s']:.1f} s" for label, t in pipe.executables.timings.items())
+    log(f"compile {timings['compile_s']:.1f} s (tracing, compiling, cache reads); run: {runs}")
+    print(output / "grid.png")
+
+
+def _write(job, options, settings, exemplar_path, results, output: Path, written: list[Path]) -> None:
+    """The images, then the sidecar last; each file written is added to `written` (to remove on Ctrl-C)."""
+    pipe, chain, result, timings = results
+    images_written = []
     for index, image in zip(result.indices, result.images, strict=True):
         name = f"variation-{int(index):03d}.png"
-        images.save_png(image, output / name)
-        files.append({"file": name, "variation_index": int(index), "seed": settings["seed"]})
+        written.append(files.save_png(image, output / name))
+        images_written.append({"file": name, "variation_index": int(index), "seed": settings["seed"]})
     exemplar_png = chain.exemplar_image()
-    images.save_png(exemplar_png, output / "exemplar.png")
-    images.save_png(images.grid([exemplar_png, *result.images]), output / "grid.png")
+    written.append(files.save_png(exemplar_png, output / "exemplar.png"))
+    written.append(files.save_png(images.grid([exemplar_png, *result.images]), output / "grid.png"))
     sidecar = {
         "rival_jax_version": metadata.version("rival-jax"),
-        "model": str(job["model"]),
+        "model": str(job.model),
         "model_path": str(pipe.models.path),
         "family": pipe.models.family,
         "random_weights": pipe.random_weights,
@@ -110,16 +129,13 @@ def _generate(job, options, settings, exemplar_path, inputs, output: Path) -> Pa
         "num_inference_steps": settings["steps"],
         "seed": settings["seed"],
         "config": settings["config"].as_dict(),
-        "images": files,
-        "files": [*(f["file"] for f in files), "exemplar.png", "grid.png", "rival.json"],
+        "authors_t_align": settings["authors_t_align"],
+        "images": images_written,
+        "files": [*(f["file"] for f in images_written), "exemplar.png", "grid.png", SIDECAR],
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "devices": f"{pipe.mesh.size} x {pipe.mesh.devices.flat[0].device_kind}",
     }
     if result.traces is not None:
-        images.save_json(result.traces.as_json(), output / "traces.json")
+        written.append(files.save_json(result.traces.as_json(), output / "traces.json"))
         sidecar["traces"] = "traces.json"
-    images.save_json(sidecar, output / "rival.json")
-    runs = ", ".join(f"{label} {t['run_s']:.1f} s" for label, t in pipe.executables.timings.items())
-    log(f"compile {timings['compile_s']:.1f} s (tracing, compiling, cache reads); run: {runs}")
-    print(output / "grid.png")
-    return output
+    written.append(files.save_json(sidecar, output / SIDECAR))

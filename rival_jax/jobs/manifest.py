@@ -38,7 +38,7 @@ class Row:
 
 def _row_key(image: Path, settings: dict[str, Any], model: str) -> str:
     digest = hashlib.sha256(image.read_bytes() if image.is_file() else b"missing")
-    described = {k: settings[k] for k in ROW_FIELDS} | {"model": model}
+    described = {k: settings[k] for k in ROW_FIELDS if k != "authors_t_align"} | {"model": model}
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 

@@ -2,7 +2,8 @@
 
 A job's settings are layered: defaults < the task's defaults < config file < command line <
 manifest row. The task's defaults follow the authors' release: variation inverts with the prompt,
-every other task with the empty prompt; editing starts from x_T and injects only below t = 900.
+every other task with the empty prompt; editing starts from x_T and injects from the step their
+editing script does (its `--editing_early_steps 900` on their step counter, `authors.from_step_counter`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from rival_jax.config import RivalConfig
 from rival_jax.errors import RivalError
 from rival_jax.images import CannyEdges
-from rival_jax.jobs.authors import inference_settings, is_inference_config
+from rival_jax.jobs.authors import from_step_counter, inference_settings, is_inference_config
 
 TASKS = ("variation", "text", "edit", "inpaint")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RivalConfig))
@@ -36,11 +37,13 @@ ROW_DEFAULTS: dict[str, Any] = {
     "canny_sigma": 2.0,
     "canny_low": None,
     "canny_high": None,
+    # The authors' `t_align` that `t_align` was read from (their config); a record, dropped when t_align is set later.
+    "authors_t_align": None,
 }
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "variation": {},
     "text": {"inversion_prompt": ""},
-    "edit": {"inversion_prompt": "", "latent_init": "exemplar", "editing_start": 900},
+    "edit": {"inversion_prompt": "", "latent_init": "exemplar", "editing_start": from_step_counter(900, 1000)},
     "inpaint": {"inversion_prompt": ""},
 }
 ROW_FIELDS = (*ROW_DEFAULTS, *CONFIG_FIELDS)
@@ -61,6 +64,9 @@ def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
     settings = {**ROW_DEFAULTS, **RivalConfig().as_dict(), **TASK_DEFAULTS[task], **given}
     if settings["inversion_prompt"] is None:
         settings["inversion_prompt"] = settings["prompt"]
+    theirs = settings["authors_t_align"]
+    if not isinstance(theirs, int) or settings["t_align"] != from_step_counter(theirs, 999):
+        settings["authors_t_align"] = None
     if task == "inpaint" and not settings["mask"]:
         raise RivalError("task inpaint needs a mask: an image the exemplar's size, white where to regenerate")
     for name in ("num_variations", "steps", "seed"):

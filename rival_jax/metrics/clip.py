@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from rival_jax.errors import RivalError
-from rival_jax.images import write_folder_atomic
-from rival_jax.metrics.batches import run_batched
+from rival_jax.files import write_folder_atomic
+from rival_jax.metrics.batched import run_batched
 from rival_jax.models.checkpoints import (
     TRANSFORMERS_WEIGHTS,
     _transformers_rename,
@@ -28,7 +28,8 @@ from rival_jax.models.checkpoints import (
     params_layout,
     read_json,
 )
-from rival_jax.models.loading import TINY_MARKER, default_cache_dir
+from rival_jax.models.loading import TINY_MARKER
+from rival_jax.runtime import default_cache_dir
 
 TINY_CLIP_VERSION = "1"
 # The converter's file names for transformers weights are those of a CLIP text encoder.

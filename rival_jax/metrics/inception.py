@@ -3,8 +3,8 @@
 The architecture is pytorch-fid's port of the TensorFlow FID graph (its FIDInceptionA/C/E blocks: average
 pools that exclude padding, a max pool in the last block), with the PyTorch module names, so the standard
 weights file `pt_inception-2015-12-05-6726825d.pth` loads by name (read without torch) as do a
-`.safetensors` or `.npz` holding the same names. Images are resized to 299x299 (bilinear, no antialiasing)
-and scaled to [-1, 1], as pytorch-fid does.
+`.safetensors` or `.npz` holding the same names. Images of any size are resized to 299x299 (bilinear, no
+antialiasing) and scaled to [-1, 1], as pytorch-fid does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from rival_jax.errors import RivalError
-from rival_jax.metrics.batches import run_batched
+from rival_jax.metrics.batched import run_batched
 from rival_jax.models.checkpoints import _check_against_layout, _transformers_rename, convert_pytorch_state_dict
 
 SIZE = 299
@@ -59,6 +59,11 @@ def _avg_pool(x: jax.Array) -> jax.Array:
 
 def _max_pool(x: jax.Array, stride: int = 2, padding: int = 0) -> jax.Array:
     return nn.max_pool(x, (3, 3), (stride, stride), padding=((padding, padding), (padding, padding)))
+
+
+def _to_input_size(images: jax.Array) -> jax.Array:
+    """(..., H, W, 3) -> (..., 299, 299, 3), as pytorch-fid resizes (an exact copy when already that size)."""
+    return jax.image.resize(images, (*images.shape[:-3], SIZE, SIZE, images.shape[-1]), "bilinear", antialias=False)
 
 
 def _chain(x: jax.Array, *layers: nn.Module) -> jax.Array:
@@ -184,8 +189,7 @@ class FIDInceptionV3(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = jax.image.resize(images, (images.shape[0], SIZE, SIZE, 3), "bilinear", antialias=False)
-        x = 2.0 * x - 1.0
+        x = 2.0 * _to_input_size(images) - 1.0
         x = ConvBN(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
         x = ConvBN(32, (3, 3), name="Conv2d_2a_3x3")(x)
         x = _max_pool(ConvBN(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x))
@@ -253,7 +257,13 @@ def _program():
     return jax.jit(lambda params, images: FIDInceptionV3().apply({"params": params}, images))
 
 
+@functools.cache
+def _resize_program():
+    return jax.jit(_to_input_size)
+
+
 def inception_features(params: dict, pictures: list[Image.Image]) -> np.ndarray:
-    """(N, 2048) pool3 features of RGB images of one size, in fixed-size batches."""
-    pixels = np.stack([np.asarray(p.convert("RGB"), np.float32) / 255.0 for p in pictures])
+    """(N, 2048) pool3 features of RGB images of any sizes, each resized to 299x299, in fixed-size batches."""
+    resize = _resize_program()
+    pixels = np.stack([np.asarray(resize(np.asarray(p.convert("RGB"), np.float32) / 255.0)) for p in pictures])
     return run_batched(_program(), params, pixels)

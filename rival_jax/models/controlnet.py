@@ -26,7 +26,8 @@ from rival_jax.models.checkpoints import (
     variant_glob,
 )
 from rival_jax.models.families import UNET_DEFAULTS
-from rival_jax.models.loading import LoadedModels, _cast, _snapshot, default_cache_dir
+from rival_jax.models.loading import LoadedModels, _cast, _snapshot
+from rival_jax.runtime import default_cache_dir
 
 NO_FLAX_SDXL = "diffusers 0.39 has no Flax SDXL ControlNet"
 # Settings diffusers' FlaxControlNetModel ignores (it always computes the default) though they change the model.

@@ -19,6 +19,7 @@ from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.errors import RivalError
 from rival_jax.models.checkpoints import WEIGHTS, load_component, read_json, variant_file, variant_glob
 from rival_jax.models.families import TEXT_COMPONENTS, detect_family
+from rival_jax.runtime import default_cache_dir
 
 FLAX_DEPRECATIONS = ("Flax classes are deprecated", "TensorFlow and JAX classes are deprecated")
 
@@ -66,13 +67,6 @@ class LoadedModels:
     sources: dict[str, str]
     random_weights: bool
     force_zeros_for_empty_prompt: bool
-
-
-def default_cache_dir() -> Path:
-    """`$RIVAL_JAX_CACHE`, else `$XDG_CACHE_HOME/rival_jax`, else `~/.cache/rival_jax`."""
-    if os.environ.get("RIVAL_JAX_CACHE"):
-        return Path(os.environ["RIVAL_JAX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rival_jax"
 
 
 def _snapshot(name: str, patterns: list[str]) -> Path:

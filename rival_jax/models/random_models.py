@@ -26,7 +26,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.errors import RivalError
-from rival_jax.images import write_folder_atomic
+from rival_jax.files import write_folder_atomic
 from rival_jax.models.architectures import FULL, SCHEDULER_CONFIG, TINY, Architecture
 from rival_jax.models.checkpoints import (
     WEIGHTS,
@@ -34,7 +34,8 @@ from rival_jax.models.checkpoints import (
     params_layout,
 )
 from rival_jax.models.families import FAMILIES, TEXT_COMPONENTS
-from rival_jax.models.loading import TINY_MARKER, LoadedModels, default_cache_dir
+from rival_jax.models.loading import TINY_MARKER, LoadedModels
+from rival_jax.runtime import default_cache_dir
 
 __all__ = [
     "SCHEDULER_CONFIG",

@@ -39,10 +39,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from rival_jax.errors import RivalError
-from rival_jax.images import write_folder_atomic
+from rival_jax.files import write_folder_atomic
 from rival_jax.models.checkpoints import read_json
 from rival_jax.models.families import FAMILIES, TEXT_COMPONENTS, detect_family
-from rival_jax.models.loading import default_cache_dir
+from rival_jax.runtime import default_cache_dir
 
 SINGLE_FILE_VERSION = "1"
 DIFFUSERS_FUNCTIONS = (
@@ -239,7 +239,7 @@ def convert_single_file(
             component's config.json, the scheduler config and the tokenizer(s). Required: the CLIP
             tokenizer files cannot be obtained without it.
         family: "sd1", "sd2" or "sdxl" to insist on; None accepts the family the file and folder hold.
-        cache_dir: cache root; default `rival_jax.models.loading.default_cache_dir()`. The folder is written
+        cache_dir: cache root; default `rival_jax.runtime.default_cache_dir()`. The folder is written
             once into `cache_dir / "single-file" / <hash>` and reused while file and configs are unchanged.
 
     Returns:

@@ -10,13 +10,18 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from rival_jax import images
+from rival_jax import files, images
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 THUMBNAIL = 160
+# Below this many images per set, KID's subsets are tiny and its value too noisy to compare folders by.
+KID_RELIABLE_SET = 10
 SUMMARY_LABELS = {
     "clip_image": "CLIP image-image (variation vs exemplar, cosine; higher is closer)",
     "clip_text": "CLIP text-image (variation vs prompt, cosine; higher is closer)",
@@ -35,6 +40,7 @@ th { background: #f3f3f3; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 .notice { background: #fff3cd; border: 2px solid #d39e00; padding: 12px 16px; font-weight: bold; margin: 12px 0; }
 .meta { color: #555; }
+td.caveat { color: #8a5a00; font-weight: bold; }
 img.plot { max-width: 100%; }
 figure { display: inline-block; margin: 0 16px 16px 0; }
 figcaption { font-size: 0.9em; color: #555; word-break: break-all; max-width: 800px; }
@@ -63,51 +69,66 @@ def _number(value: Any) -> str:
     return f'<td class="number">{value:.4g}</td>' if isinstance(value, float) else f'<td class="number">{value}</td>'
 
 
-def _figure_png(figure: Any) -> Image.Image:
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def score_figure(metrics: dict[str, Any]) -> Figure:
+    """Histograms of the per-image scores and of the per-exemplar diversity (at most 5 labelled x ticks).
+
+    A score with fewer than two values is shown as text: a histogram of one value has no meaningful axis.
+
+    Args:
+        metrics: what `evaluate_folder` writes to metrics.json.
+
+    >>> score_figure(json.loads(Path("out/metrics.json").read_text())).savefig("scores.png")
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    rows, groups = metrics["images"], metrics["exemplars"]
+    series = {
+        "CLIP image-image": ([r["clip_image"] for r in rows], "image"),
+        "CLIP text-image": ([r["clip_text"] for r in rows if r["clip_text"] is not None], "image"),
+        "palette distance": ([r["palette"] for r in rows], "image"),
+        "diversity (per exemplar)": ([g["diversity"] for g in groups if g["diversity"] is not None], "exemplar"),
+    }
+    figure, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))
+    for axis, (title, (values, unit)) in zip(axes, series.items(), strict=True):
+        axis.set_title(title)
+        if len(values) < 2:
+            text = f"{values[0]:.4g}\n(one {unit})" if values else "not computed"
+            axis.text(0.5, 0.5, text, ha="center", va="center", fontsize="x-large", transform=axis.transAxes)
+            axis.set_axis_off()
+            continue
+        axis.hist(values, bins=min(20, max(5, len(values))), color="#4c72b0")
+        axis.set_ylabel("count")
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    figure.tight_layout()
+    return figure
+
+
+def _rendered(figure: Figure) -> Image.Image:
+    """The figure as an image; the figure is closed."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(figure)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
 
 
-def score_plots(metrics: dict[str, Any]) -> Image.Image:
-    """Histograms of the per-image scores and of the per-exemplar diversity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    series = {
-        "CLIP image-image": [r["clip_image"] for r in metrics["images"]],
-        "CLIP text-image": [r["clip_text"] for r in metrics["images"] if r["clip_text"] is not None],
-        "palette distance": [r["palette"] for r in metrics["images"]],
-        "diversity (per exemplar)": [g["diversity"] for g in metrics["exemplars"] if g["diversity"] is not None],
-    }
-    figure, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))
-    for axis, (title, values) in zip(axes, series.items(), strict=True):
-        axis.set_title(title)
-        if values:
-            axis.hist(values, bins=min(20, max(5, len(values))), color="#4c72b0")
-        else:
-            axis.text(0.5, 0.5, "not computed", ha="center", va="center", transform=axis.transAxes)
-        axis.set_ylabel("count")
-        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.tight_layout()
-    image = _figure_png(figure)
-    plt.close(figure)
-    return image
-
-
-def trace_plots(traces: dict[str, Any]) -> Image.Image:
+def _trace_figure(traces: dict[str, Any]) -> Figure:
     """Per step: the share of attention generated queries give the exemplar's tokens (per layer and mean),
     and the distance between the generated and the exemplar chain's latent statistics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     steps = np.asarray(traces["timesteps"])
     shares = np.asarray(traces["exemplar_attention_share"], dtype=float).reshape(len(steps), -1)
     layers = traces.get("layers") or [str(i) for i in range(shares.shape[1])]
@@ -122,9 +143,7 @@ def trace_plots(traces: dict[str, Any]) -> Image.Image:
     right.set(title="latent statistics distance to the exemplar chain", xlabel="timestep t", ylabel="distance")
     right.invert_xaxis()
     figure.tight_layout()
-    image = _figure_png(figure)
-    plt.close(figure)
-    return image
+    return figure
 
 
 def _notice(metrics: dict[str, Any]) -> str:
@@ -138,8 +157,22 @@ def _notice(metrics: dict[str, Any]) -> str:
     )
 
 
+def _kid_caveat(summary: dict[str, Any]) -> str:
+    per_set = min(summary["exemplars"], summary["images"])
+    if summary["kid"] is None or per_set >= KID_RELIABLE_SET:
+        return ""
+    return (
+        f'<td class="caveat">caveat: KID from {per_set} images per set is too noisy to compare; '
+        f"use at least {KID_RELIABLE_SET} exemplars</td>"
+    )
+
+
 def _summary_table(summary: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(SUMMARY_LABELS.get(k, k))}</th>{_number(v)}</tr>" for k, v in summary.items())
+    caveats = {"kid": _kid_caveat(summary)}
+    rows = "".join(
+        f"<tr><th>{html.escape(SUMMARY_LABELS.get(k, k))}</th>{_number(v)}{caveats.get(k, '')}</tr>"
+        for k, v in summary.items()
+    )
     return f'<table id="summary">{rows}</table>'
 
 
@@ -183,10 +216,10 @@ def render_report(metrics: dict[str, Any], folder: Path, traces: dict[str, Any] 
         "<h2>Summary</h2>",
         _summary_table(metrics["summary"]),
         "<h2>Score distributions</h2>",
-        _img(score_plots(metrics), "score distributions", "plot"),
+        _img(_rendered(score_figure(metrics)), "score distributions", "plot"),
     ]
     if traces is not None:
-        sections += ["<h2>Inside the method (traces)</h2>", _img(trace_plots(traces), "traces", "plot")]
+        sections += ["<h2>Inside the method (traces)</h2>", _img(_rendered(_trace_figure(traces)), "traces", "plot")]
     sections += ["<h2>Grids</h2>", _grids(metrics, folder), "<h2>Per-image scores</h2>", _image_table(metrics, folder)]
     body = "\n".join(sections)
     return (
@@ -209,4 +242,4 @@ def write_report(
     >>> write_report("out/report.html", json.loads(Path("out/metrics.json").read_text()), "out")
     """
     text = render_report(metrics, Path(folder), traces)
-    return images.write_atomic(path, lambda stream: stream.write(text), binary=False)
+    return files.write_atomic(path, lambda stream: stream.write(text), binary=False)

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from rival_jax.core.parallel import pad_to
+
 BATCH = 8
 
 
@@ -15,6 +17,5 @@ def run_batched(program: Callable[[Any, np.ndarray], Any], params: Any, inputs: 
     outputs = []
     for start in range(0, len(inputs), BATCH):
         chunk = inputs[start : start + BATCH]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], BATCH - len(chunk), axis=0)])
-        outputs.append(np.asarray(program(params, padded))[: len(chunk)])
+        outputs.append(np.asarray(program(params, pad_to(chunk, BATCH)))[: len(chunk)])
     return np.concatenate(outputs).astype(np.float32)

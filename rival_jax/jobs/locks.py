@@ -1,12 +1,12 @@
-"""Output folders of jobs: checked before any compute, one run at a time, earlier results replaced only on request.
+"""Folder checks and locks of jobs: checked before any compute, one run at a time, earlier results replaced on request.
 
 Policy (README, "Output folders"):
 - `-o` must be a folder or a path where one can be created and written; checked before a model loads.
 - A run holds a lock on its folder (`.rival-jax-<process>.lock`, an `flock` plus the holder's pid):
   a second run on the same folder (and process index) refuses in one line. The kernel releases the
   lock when its holder exits, however it exits, so a stale lock file is simply taken over.
-- `generate` refuses a folder that holds an earlier result (a `rival.json` or a file of the names it
-  writes) unless `--overwrite`; then it removes exactly the files the earlier `rival.json` recorded,
+- `generate` refuses a folder that holds an earlier result (its sidecar `SIDECAR` or a file of the names it
+  writes) unless `--overwrite`; then it removes exactly the files the earlier sidecar recorded,
   right before writing its own. Files no run recorded are never removed.
 """
 
@@ -21,6 +21,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rival_jax.errors import RivalError
+
+# The JSON file `generate` writes beside its images: settings, timings and the files it wrote.
+SIDECAR = "rival.json"
 
 
 def check_output(path: str | os.PathLike) -> Path:
@@ -88,7 +91,6 @@ def _acquire(path: Path, folder: Path) -> int:
 
 
 # What `generate` writes besides its variations; a folder holding any of these holds an earlier result.
-SIDECAR = "rival.json"
 GENERATE_FILES = ("exemplar.png", "grid.png", SIDECAR)
 
 
@@ -116,7 +118,7 @@ def check_generate_output(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def recorded_files(folder: Path) -> list[Path]:
-    """The files the earlier `rival.json` in `folder` says its run wrote (plain names inside the folder)."""
+    """The files the earlier sidecar in `folder` says its run wrote (plain names inside the folder)."""
     try:
         sidecar = json.loads((folder / SIDECAR).read_text())
     except (OSError, ValueError):

@@ -1,0 +1,220 @@
+"""The options of every command, defined once: the CLI's flags, config files and the jobs read these dataclasses.
+
+Each command has one frozen dataclass of job options, validated on construction (one-line
+`RivalError`s). `CommonOptions` are accepted by every command; `JobOptions` by the commands that
+load a model (`generate`, `augment`, `ablate`), which also take run options (`RunOptions`) and
+per-exemplar settings (`jobs.settings`) and read them, layered, from a config file.
+
+>>> AugmentOptions(source="photos/", batch_size=4, output="out")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, ClassVar
+
+from rival_jax.errors import RivalError
+from rival_jax.models.families import FAMILIES
+from rival_jax.options import option
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SWEEP = (400, 600, 800)
+KID_FEATURES = ("inception", "clip")
+MANIFEST_HELP = "manifest (.csv or .jsonl with an 'image' column) or a folder of images"
+
+
+def _accepted(hint: Any) -> tuple[Any, ...]:
+    """The runtime types a type hint admits: `str | None` -> (str, NoneType), `tuple[int, ...]` -> (tuple,)."""
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    return tuple(typing.get_origin(arg) or arg for arg in (typing.get_args(hint) if union else (hint,)))
+
+
+def _check_types(options: Any) -> None:
+    """Every field holds a value of its annotated type (say from a config file); paths become text, lists tuples."""
+    hints = typing.get_type_hints(type(options))
+    for field in dataclasses.fields(options):
+        value, accepted = getattr(options, field.name), _accepted(hints[field.name])
+        if isinstance(value, os.PathLike) or (tuple in accepted and isinstance(value, list)):
+            value = os.fspath(value) if isinstance(value, os.PathLike) else tuple(value)
+            object.__setattr__(options, field.name, value)
+        items = value if isinstance(value, tuple) else ()
+        wrong_bool = any(isinstance(v, bool) for v in (value, *items)) and bool not in accepted
+        wrong_item = not all(isinstance(v, int) for v in items)
+        if wrong_bool or wrong_item or not isinstance(value, accepted) or (str in accepted and value == ""):
+            kind = field.metadata["kind"]
+            raise RivalError(f"{field.name}={value!r} is not {kind}: fix it in the config file or on the command line")
+        choices = field.metadata["choices"]
+        if choices and value is not None and value not in choices:
+            raise RivalError(f"{field.name} {value!r} is unknown: use {', '.join(choices)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommonOptions:
+    """Options every command accepts."""
+
+    cache_dir: str | None = option(None, "cache folder for converted weights and the tiny models", kind="a folder path")
+    progress: bool | None = option(
+        None,
+        "progress bars (default when stderr is a terminal)",
+        type=bool,
+        negative=("--no-progress", "no progress bars"),
+        kind="a boolean",
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobOptions(CommonOptions):
+    """Options of the commands that load a model and write an output folder."""
+
+    model: str = option(
+        "tiny", "diffusers folder (SD 1.x/2.x/SDXL), hub id, or tiny, tiny-sd2, tiny-sdxl", kind="a path or hub id"
+    )
+    output: str = option(
+        "rival-output", "output folder (default: rival-output)", flags=("-o", "--output"), kind="a folder path"
+    )
+    overwrite: bool = option(
+        False,
+        "replace the earlier result in the output folder (only the files it recorded are removed)",
+        kind="a boolean",
+    )
+    compile_cache: bool | str = option(
+        True,
+        "folder of the persistent XLA compilation cache",
+        type=str,
+        negative=("--no-compile-cache", "do not keep compiled programs on disk"),
+        kind="a folder path or a boolean",
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateOptions(JobOptions):
+    """`rival-jax generate`: one exemplar (the bundled photograph when none is given)."""
+
+    HELP: ClassVar[str] = "invert one exemplar and generate aligned images"
+    exemplar: str | None = option(None, "exemplar image (default: bundled)", positional=True, kind="a file path")
+    traces: bool = option(
+        False,
+        "also write traces.json: per step, the exemplar's attention share and the latents' statistic distance",
+        kind="a boolean",
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchedOptions(JobOptions):
+    """Options of the commands that generate many exemplars in compiled batches."""
+
+    source: str = option(help=MANIFEST_HELP, kind="a manifest or folder path")
+    batch_size: int = option(
+        DEFAULT_BATCH_SIZE, f"variations per compiled batch (default: {DEFAULT_BATCH_SIZE})", kind="an integer"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise RivalError(f"--batch-size {self.batch_size} is out of range: use an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AugmentOptions(BatchedOptions):
+    """`rival-jax augment`: a resumable job over a manifest or folder, on one host or several."""
+
+    HELP: ClassVar[str] = "resumable variation job over a manifest or a folder of images"
+    coordinator: str | None = option(
+        None, "jax.distributed coordinator host:port (multi-host runs)", kind="host:port text"
+    )
+    num_processes: int | None = option(None, "number of processes (multi-host runs)", type=int, kind="an integer")
+    process_id: int | None = option(None, "this process's index (multi-host runs)", type=int, kind="an integer")
+    distributed: bool = option(False, "jax.distributed with auto-detected cluster", kind="a boolean")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        given = [name for name in ("num_processes", "process_id") if getattr(self, name) is not None]
+        if given and not self.multi_host:
+            flags = " and ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise RivalError(
+                f"{flags} {'need' if len(given) > 1 else 'needs'} --coordinator HOST:PORT (or --distributed): "
+                "without one every process would do the whole job"
+            )
+
+    @property
+    def multi_host(self) -> bool:
+        """Whether the job joins a jax.distributed cluster."""
+        return bool(self.coordinator or self.distributed)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AblateOptions(BatchedOptions):
+    """`rival-jax ablate`: Table 3's rows and a t_align / t_early sweep, scored."""
+
+    HELP: ClassVar[str] = "the paper's ablation and a t_align/t_early sweep, scored"
+    t_align_values: tuple[int, ...] = option(
+        DEFAULT_SWEEP, "swept t_align values (default: 400 600 800)", type=int, nargs="+", kind="a list of integers"
+    )
+    t_early_values: tuple[int, ...] = option(
+        DEFAULT_SWEEP, "swept t_early values (default: 400 600 800)", type=int, nargs="+", kind="a list of integers"
+    )
+    clip: str | None = option(
+        None, "CLIP for the scores (default: tiny with --model tiny*, else ViT-L/14)", kind="a path or hub id"
+    )
+    inception: str | None = option(
+        None, "FID Inception weights file for KID (default: CLIP features)", kind="a file path"
+    )
+
+    @property
+    def scoring_clip(self) -> str:
+        """The CLIP that scores: as given, else the tiny one for the tiny models, else `DEFAULT_CLIP`."""
+        return str(self.clip or ("tiny" if str(self.model).startswith("tiny") else DEFAULT_CLIP))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluateOptions(CommonOptions):
+    """`rival-jax evaluate`: score an output folder of generate or augment."""
+
+    HELP: ClassVar[str] = "score a generate/augment output folder: metrics and a report"
+    folder: str = option(help="the -o folder of generate or augment", kind="a folder path")
+    clip: str = option(DEFAULT_CLIP, f"CLIP folder, hub id or tiny (default: {DEFAULT_CLIP})", kind="a path or hub id")
+    inception: str | None = option(
+        None, "FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for KID", kind="a file path"
+    )
+    kid_features: str | None = option(
+        None, "KID features (default: inception with --inception)", KID_FEATURES, kind="inception or clip"
+    )
+    seed: int = option(0, "seeds palettes and KID subsets (default: 0)", kind="an integer")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kid_features == "inception" and self.inception is None:
+            raise RivalError("--kid-features inception needs the weights: add --inception pt_inception-...pth")
+
+    @property
+    def features(self) -> str:
+        """The features KID compares: as given, else inception with a weights file, else clip."""
+        return self.kid_features or ("inception" if self.inception else "clip")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MakeTinyOptions(CommonOptions):
+    """`rival-jax make-tiny`: the built-in tiny random checkpoint, written to a folder."""
+
+    HELP: ClassVar[str] = "write the built-in tiny random checkpoint to a folder"
+    folder: str = option(help="where to write the checkpoint", kind="a folder path")
+    format: str = option("flax", "weight files (default: flax)", ("flax", "safetensors"), kind="flax or safetensors")
+    family: str = option("sd1", "model family (default: sd1)", FAMILIES, kind="a model family")
+    seed: int = option(0, "seed of the random weights (default: 0)", kind="an integer")
+    controlnet: bool = option(False, "also a random ControlNet in FOLDER/controlnet", kind="a boolean")
+
+
+COMMANDS: dict[str, type[CommonOptions]] = {
+    "generate": GenerateOptions,
+    "augment": AugmentOptions,
+    "evaluate": EvaluateOptions,
+    "ablate": AblateOptions,
+    "make-tiny": MakeTinyOptions,
+}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from rival_jax.core import attention
 from rival_jax.core import pallas_attention as pallas
 from rival_jax.core.attention import _blockwise
 
@@ -78,3 +79,20 @@ def test_blocks_suit_sd15_fusion_at_512() -> None:
     assert pallas.key_blocking(2 * 4096) == (8192, 512)
     assert pallas.query_blocking(4096) == (4096, pallas.QUERY_BLOCK)
     assert pallas.key_blocking(2 * 576) == (1152, 128)  # SD 2.1 at 768: 24x24 tokens, concatenated
+
+
+def test_the_pallas_kernel_is_what_the_injected_layers_run_under_its_name() -> None:
+    q, reference, own = _inputs(queries=72, keys=72)
+    with pltpu.force_tpu_interpret_mode():
+        through_table = attention.KERNELS["pallas"](q, reference, own, DIM**-0.5)
+    assert _relative_error(through_table, _blockwise(q, reference, own, DIM**-0.5)) <= 1e-5
+
+
+def test_auto_attention_runs_the_blockwise_kernel_on_a_cpu_and_pallas_is_refused_there() -> None:
+    from rival_jax.errors import RivalError
+    from rival_jax.options import resolve_attention
+
+    assert jax.default_backend() == "cpu"
+    assert resolve_attention("auto", jnp.float32) == resolve_attention("auto", jnp.bfloat16) == "xla"
+    with pytest.raises(RivalError, match="needs a TPU"):
+        resolve_attention("pallas", jnp.bfloat16)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as flash
 
+from rival_jax.core.attention import KeyValues, fused_key_values
 from rival_jax.core.parallel import padded_length
 
 LANES = 128
@@ -27,7 +28,6 @@ SUBLANES = 8
 QUERY_BLOCK = 256
 SINGLE_KEY_BLOCK = 1024
 KEY_BLOCKS = (512, 256, 128)
-KeyValues = tuple[jax.Array, jax.Array]
 
 
 def _pad_axis(x: jax.Array, axis: int, length: int) -> jax.Array:
@@ -112,6 +112,4 @@ def pallas_attention(q: jax.Array, reference_kv: KeyValues, own_kv: KeyValues | 
     if own_kv is None:
         grouped = q.reshape(groups, -1, *q.shape[2:])
         return flash_attend(grouped, *reference_kv, scale).reshape(q.shape)
-    per_entry = [jnp.repeat(x, q.shape[0] // groups, axis=0) for x in reference_kv]
-    keys, values = (jnp.concatenate([r, o], axis=1) for r, o in zip(per_entry, own_kv, strict=True))
-    return flash_attend(q, keys, values, scale)
+    return flash_attend(q, *fused_key_values(q.shape[0], reference_kv, own_kv), scale)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
+from rival_jax.core import pallas_attention
+
 REFERENCE_COLLECTION = "intermediates"
 REFERENCE_NAME = "rival_reference"
 REPLACE, FUSE = "replace", "fuse"
@@ -110,31 +112,17 @@ def _cudnn(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, sc
         return _blockwise(q, reference_kv, own_kv, scale)
 
 
-def fused_key_values(entries: int, reference_kv: KeyValues, own_kv: KeyValues) -> KeyValues:
-    """Fusion's keys and values per entry: its group's exemplar tokens, then its own (entries, S + T, H, d)."""
-    groups = reference_kv[0].shape[0]
-    per_entry = [jnp.repeat(x, entries // groups, axis=0) for x in reference_kv]
-    keys, values = (jnp.concatenate([r, o], axis=1) for r, o in zip(per_entry, own_kv, strict=True))
-    return keys, values
-
-
 def _flash(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
     if own_kv is None:
         grouped = _grouped(q, reference_kv[0].shape[0])
         out = jax.nn.dot_product_attention(grouped, *reference_kv, scale=scale, implementation="cudnn")
         return out.reshape(q.shape)
-    keys, values = fused_key_values(q.shape[0], reference_kv, own_kv)
+    keys, values = pallas_attention.fused_key_values(q.shape[0], reference_kv, own_kv)
     return jax.nn.dot_product_attention(q, keys, values, scale=scale, implementation="cudnn")
 
 
-def _pallas(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
-    from rival_jax.core.pallas_attention import pallas_attention  # Pallas' TPU ops load only when asked for
-
-    return pallas_attention(q, reference_kv, own_kv, scale)
-
-
 # The injected layers' kernels by `RunOptions.attention` name (None: "xla").
-KERNELS = {"xla": _blockwise, "cudnn": _cudnn, "pallas": _pallas}
+KERNELS = {"xla": _blockwise, "cudnn": _cudnn, "pallas": pallas_attention.pallas_attention}
 
 
 def exemplar_share(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues, scale: float) -> jnp.ndarray:

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as flash
 
-from rival_jax.core.attention import KeyValues, fused_key_values
 from rival_jax.core.parallel import padded_length
 
 LANES = 128
@@ -28,6 +27,7 @@ SUBLANES = 8
 QUERY_BLOCK = 256
 SINGLE_KEY_BLOCK = 1024
 KEY_BLOCKS = (512, 256, 128)
+KeyValues = tuple[jax.Array, jax.Array]
 
 
 def _pad_axis(x: jax.Array, axis: int, length: int) -> jax.Array:
@@ -95,6 +95,17 @@ def flash_attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.
         block_sizes=blocks,
     )
     return out.transpose(0, 2, 1, 3)[:, :length, :, :dim]
+
+
+def fused_key_values(entries: int, reference_kv: KeyValues, own_kv: KeyValues) -> KeyValues:
+    """Fusion's keys and values per entry: its group's exemplar tokens, then its own (entries, S + T, H, d).
+
+    Shared with the cuDNN kernel (`attention._flash`), the other one that attends over them concatenated.
+    """
+    groups = reference_kv[0].shape[0]
+    per_entry = [jnp.repeat(x, entries // groups, axis=0) for x in reference_kv]
+    keys, values = (jnp.concatenate([r, o], axis=1) for r, o in zip(per_entry, own_kv, strict=True))
+    return keys, values
 
 
 def pallas_attention(q: jax.Array, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jax.Array:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ MIN_FILL = 0.7
 # they would be blown up or squeezed into a shape far from any the models were trained on.
 MIN_SIDE = 32
 MAX_ASPECT = 4.0
+
+
+def example_image() -> Path:
+    """The photograph shipped with the package: the CLI's default exemplar, for trying the API.
+
+    >>> pipe = rival_jax.RivalPipeline.from_pretrained("tiny")
+    >>> chain = pipe.invert(rival_jax.example_image(), num_inference_steps=10)
+    """
+    return Path(str(resources.files("rival_jax") / "assets" / "exemplar.png"))
 
 
 def open_image(path: str | os.PathLike, what: str = "exemplar") -> Image.Image:

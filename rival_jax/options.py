@@ -19,7 +19,7 @@ from rival_jax.errors import RivalError
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 REFERENCE_MODES = ("auto", "keep", "recompute")
 RESOLUTION_PATTERN = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
 
@@ -93,7 +93,10 @@ class RunOptions:
     )
     square_crop: bool = option(False, "centre-crop the exemplar to a square first")
     attention: str = option(
-        "xla", "injected attention kernel (cudnn: flash attention, NVIDIA GPUs, bf16)", ATTENTION_IMPLEMENTATIONS
+        "xla",
+        "injected attention kernel: xla (blockwise, anywhere), cudnn (flash, NVIDIA GPUs, bf16), pallas (flash, TPU), "
+        "auto (pallas on TPU, cudnn on NVIDIA GPUs in bf16, else xla)",
+        ATTENTION_IMPLEMENTATIONS,
     )
     reference_mode: str = option(
         "auto", "exemplar features: keep (fastest), recompute (least memory) or auto", REFERENCE_MODES
@@ -198,10 +201,28 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
     return dtype
 
 
+def resolve_attention(attention: str, dtype: jnp.dtype) -> str:
+    """The injected layers' kernel for `attention` on this backend: "auto" picks pallas on TPU, cudnn on an
+    NVIDIA GPU in bfloat16, xla elsewhere; other names are checked (`check_attention`) and kept.
+
+    >>> resolve_attention("auto", jnp.float32)  # on a CPU
+    'xla'
+    """
+    if attention == "auto":
+        backend = jax.default_backend()
+        if backend == "tpu":
+            return "pallas"
+        return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
+    check_attention(attention, dtype)
+    return attention
+
+
 def check_attention(attention: str, dtype: jnp.dtype) -> None:
     """Raise a one-line RivalError unless the injected-attention backend can run with this dtype here."""
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise RivalError(f"attention {attention!r} is unknown: use {' or '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if attention == "pallas" and jax.default_backend() != "tpu":
+        raise RivalError("attention 'pallas' needs a TPU: use attention xla (or auto) on this machine")
     if attention == "cudnn" and jnp.dtype(dtype).itemsize != 2:
         raise RivalError("attention 'cudnn' (flash attention) needs bfloat16: use dtype bfloat16 or attention xla")
     if attention == "cudnn" and jax.default_backend() != "gpu":

@@ -157,6 +157,9 @@ def test_resolution_dtype_and_attention_options(tiny_flax, exemplar):
     if jax.default_backend() != "gpu":
         with pytest.raises(RivalError, match="needs an NVIDIA GPU"):
             RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, dtype="bfloat16", attention="cudnn")
+    if jax.default_backend() != "tpu":
+        with pytest.raises(RivalError, match="needs a TPU"):
+            RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, attention="pallas")
     with pytest.raises(RivalError, match="reference_batch_size"):
         RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, reference_batch_size=0)
 

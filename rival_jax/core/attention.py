@@ -13,7 +13,9 @@ group, whose queries are stacked into one matrix product against them. Fusion ne
 concatenated keys: the attention over the exemplar's tokens and over the entry's own tokens are
 computed apart and merged by their log-sum-exps, which is the softmax over both exactly. Queries go
 through in blocks of `QUERY_BLOCK` tokens so the score matrices stay small. `implementation="cudnn"`
-hands both stages to cuDNN flash attention through `jax.nn.dot_product_attention` instead.
+hands both stages to cuDNN flash attention through `jax.nn.dot_product_attention` instead, and
+`implementation="pallas"` to the Pallas TPU flash kernel (`pallas_attention`), fusion over the
+concatenated keys.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
+
+from rival_jax.core import pallas_attention
 
 REFERENCE_COLLECTION = "intermediates"
 REFERENCE_NAME = "rival_reference"
@@ -109,13 +113,16 @@ def _cudnn(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, sc
 
 
 def _flash(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues | None, scale: float) -> jnp.ndarray:
-    groups = reference_kv[0].shape[0]
     if own_kv is None:
-        out = jax.nn.dot_product_attention(_grouped(q, groups), *reference_kv, scale=scale, implementation="cudnn")
+        grouped = _grouped(q, reference_kv[0].shape[0])
+        out = jax.nn.dot_product_attention(grouped, *reference_kv, scale=scale, implementation="cudnn")
         return out.reshape(q.shape)
-    per_entry = [jnp.repeat(x, q.shape[0] // groups, axis=0) for x in reference_kv]
-    keys, values = (jnp.concatenate([r, o], axis=1) for r, o in zip(per_entry, own_kv, strict=True))
+    keys, values = pallas_attention.fused_key_values(q.shape[0], reference_kv, own_kv)
     return jax.nn.dot_product_attention(q, keys, values, scale=scale, implementation="cudnn")
+
+
+# The injected layers' kernels by `RunOptions.attention` name (None: "xla").
+KERNELS = {"xla": _blockwise, "cudnn": _cudnn, "pallas": pallas_attention.pallas_attention}
 
 
 def exemplar_share(q: jnp.ndarray, reference_kv: KeyValues, own_kv: KeyValues, scale: float) -> jnp.ndarray:
@@ -164,7 +171,7 @@ def cross_image_attention(
     stored = reference.astype(attention.dtype)
     reference_kv = (heads(attention.key(stored)), heads(attention.value(stored)))
     own_kv = (heads(attention.key(own)), heads(attention.value(own))) if mode == FUSE else None
-    method = _cudnn if implementation == "cudnn" else _blockwise
+    method = KERNELS[implementation or "xla"]
     queries = heads(attention.query(own))
     mixed = method(queries, reference_kv, own_kv, attention.scale).astype(attention.dtype)
     if shares is not None and own_kv is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rival_jax import example_image, files, images
+from rival_jax import files, images
 from rival_jax.jobs.common import (
     Interrupted,
     check_control,
@@ -48,7 +48,7 @@ def run_job(job: GenerateOptions, options: RunOptions, row: dict[str, Any]) -> i
     """
     settings = merge_settings(row)
     check_control(options, settings)
-    exemplar_path = job.exemplar or str(example_image())
+    exemplar_path = job.exemplar or str(images.example_image())
     exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"], options)
     output = check_generate_output(job.output, job.overwrite)
     with output_lock(output):

@@ -25,7 +25,7 @@ from rival_jax.core.reference import ReferenceFeatures, feature_bytes, reference
 from rival_jax.core.unet import Conditioning
 from rival_jax.errors import RivalError
 from rival_jax.models.loading import LoadedModels, load_models
-from rival_jax.options import RunOptions, check_attention, resolve_dtype
+from rival_jax.options import RunOptions, resolve_attention, resolve_dtype
 from rival_jax.pipeline import inputs, programs
 from rival_jax.pipeline.generation import Generation
 from rival_jax.pipeline.programs import Executables, Program, Statics
@@ -66,7 +66,7 @@ class RivalPipeline(Generation):
         self.options = options or RunOptions()
         self.controlnets = tuple(controlnets)
         self.dtype = resolve_dtype(self.options.dtype)
-        check_attention(self.options.attention, self.dtype)
+        attention = resolve_attention(self.options.attention, self.dtype)
         self.models, self.params = models, models.params
         unet, vae = models.unet, models.vae
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -79,7 +79,7 @@ class RivalPipeline(Generation):
         modules = programs.Modules(unet, vae, models.schedule, self.dtype, tuple(c.module for c in self.controlnets))
         options = self.options
         # Every program's statics start from these (`dataclasses.replace` for a mesh or traces).
-        self.statics = Statics(modules, self.mesh, options.attention, options.reference_batch_size)
+        self.statics = Statics(modules, self.mesh, attention, options.reference_batch_size)
         self.executables = Executables()
         self._feature_bytes: dict[tuple, int] = {}
 

@@ -1,0 +1,1 @@
+"""Compiling for TPU slices without one: targets (`targets`)."""

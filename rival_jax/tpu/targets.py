@@ -1,0 +1,197 @@
+"""Machines to compile for without having them: TPU slices through libtpu's topologies, or D host devices.
+
+A target is named as JAX names a TPU topology (`v5e:2x2`, `v4:2x2x1`, `v6e:2x4`), as Cloud TPU names
+an accelerator type (`v5litepod-8`, `v6e-8`, `v4-8`), or `cpu:D`. `resolve_target` returns the
+devices to lay programs out on (`jax.experimental.topologies.get_topology_desc`: compile-only TPU
+devices, no TPU needed), the chip's figures and the hosts the slice spans.
+
+Hosts follow Cloud TPU's VMs: v5e and v6e slices of up to 8 chips are one VM; larger v5e/v6e slices
+and every v4/v5p slice have 4 chips per VM (the system architecture pages in `CHIPS`' sources).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import re
+from typing import Any
+
+from rival_jax.errors import RivalError
+
+GIB = 2**30
+INSTALL_TPU = 'compiling for TPU needs libtpu: pip install -e ".[tpu]"'
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU chip's public figures: peak bf16 FLOP/s, HBM bytes and HBM bytes/s; `source`: where they are stated.
+
+    dimensions: the topology's rank (2: a 2-D torus, `v5e:2x4`; 3: `v4:2x2x1`); cores_per_chip: what
+    Cloud TPU accelerator names count (`v4-8` is 8 TensorCores on 4 chips).
+    """
+
+    name: str
+    device_kind: str
+    peak_bf16_flops: float
+    hbm_bytes: int
+    hbm_bytes_per_s: float
+    dimensions: int
+    cores_per_chip: int
+    source: str
+
+
+CHIPS = {
+    chip.name: chip
+    for chip in (
+        Chip("v4", "TPU v4", 275e12, 32 * GIB, 1200e9, 3, 2, "https://cloud.google.com/tpu/docs/v4"),
+        Chip("v5e", "TPU v5 lite", 197e12, 16 * GIB, 819e9, 2, 1, "https://cloud.google.com/tpu/docs/v5e"),
+        Chip("v5p", "TPU v5", 459e12, 95 * GIB, 2765e9, 3, 2, "https://cloud.google.com/tpu/docs/v5p"),
+        Chip("v6e", "TPU v6 lite", 918e12, 32 * GIB, 1640e9, 2, 1, "https://cloud.google.com/tpu/docs/v6e"),
+    )
+}
+ACCELERATOR_PREFIXES = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v6e": "v6e"}
+SLICE_SHAPES = {
+    2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8), 256: (4, 8, 8)},
+}
+SINGLE_VM_CHIPS = 8
+VM_BOUNDS = (2, 2, 1)
+KNOWN_TARGETS = (
+    "JAX topologies v5e:AxB, v6e:AxB, v4:AxBxC, v5p:AxBxC (e.g. v5e:2x2, v6e:2x4, v4:2x2x1); Cloud TPU types "
+    "v5litepod-N, v6e-N (N chips), v4-N, v5p-N (N TensorCores) (e.g. v5litepod-8, v6e-8, v4-8); cpu:D"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """A parsed target: `topology` as JAX names it ("v5e:2x4", or "cpu:8"), its chip and its VMs.
+
+    chip None: D host devices (`chips` = D, one host).
+    """
+
+    name: str
+    topology: str
+    chip: Chip | None
+    shape: tuple[int, ...]
+    chips_per_host_bounds: tuple[int, int, int]
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def chips_per_host(self) -> int:
+        return math.prod(self.chips_per_host_bounds)
+
+    @property
+    def hosts(self) -> int:
+        return self.chips // self.chips_per_host
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A resolved target: `devices` to compile for (`len(devices)` = chips x `devices_per_chip`).
+
+    devices_per_chip: 2 on v4, whose compile-only topology has one device per TensorCore.
+    """
+
+    spec: TargetSpec
+    devices: tuple[Any, ...]
+
+    @property
+    def devices_per_chip(self) -> int:
+        return len(self.devices) // self.spec.chips
+
+    @property
+    def local_devices(self) -> tuple[Any, ...]:
+        """The first host's devices: what `jax.local_devices()` holds there, so what a run's `local_mesh` spans."""
+        return tuple(d for d in self.devices if d.process_index == self.devices[0].process_index)
+
+
+def _unknown(name: str) -> RivalError:
+    return RivalError(f"target {name!r} is unknown: use one of {KNOWN_TARGETS}")
+
+
+def _shape(text: str, dimensions: int, name: str) -> tuple[int, ...]:
+    sides = text.split("x")
+    if len(sides) != dimensions or not all(side.isdigit() and int(side) > 0 for side in sides):
+        raise _unknown(name)
+    return tuple(int(side) for side in sides)
+
+
+def _bounds(chip: Chip, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if chip.dimensions == 2 and math.prod(shape) <= SINGLE_VM_CHIPS:
+        return (*shape, 1)
+    return VM_BOUNDS
+
+
+def parse_target(name: str) -> TargetSpec:
+    """The topology, chip and VMs of target `name`; needs no libtpu.
+
+    Args:
+        name: a JAX topology ("v5e:2x2"), a Cloud TPU accelerator type ("v5litepod-8", "v4-8") or "cpu:D".
+
+    >>> parse_target("v4-8").topology, parse_target("v5e:4x4").hosts
+    ('v4:2x2x1', 4)
+    """
+    text = name.strip().lower()
+    if match := re.fullmatch(r"cpu:(\d+)", text):
+        devices = int(match[1])
+        if devices < 1:
+            raise RivalError(f"target {name!r} has no devices: use cpu:D with D at least 1")
+        return TargetSpec(name, f"cpu:{devices}", None, (devices,), (devices, 1, 1))
+    if match := re.fullmatch(r"([a-z0-9]+):([0-9x]+)", text):
+        if match[1] not in CHIPS:
+            raise _unknown(name)
+        chip = CHIPS[match[1]]
+        shape = _shape(match[2], chip.dimensions, name)
+    elif (match := re.fullmatch(r"([a-z0-9]+)-(\d+)", text)) and match[1] in ACCELERATOR_PREFIXES:
+        chip = CHIPS[ACCELERATOR_PREFIXES[match[1]]]
+        cores, shapes = int(match[2]), SLICE_SHAPES[chip.dimensions]
+        chips = cores // chip.cores_per_chip
+        if cores % chip.cores_per_chip or chips not in shapes:
+            sizes = ", ".join(f"{match[1]}-{count * chip.cores_per_chip}" for count in shapes)
+            raise RivalError(f"target {name!r} is not a Cloud TPU slice: use one of {sizes}")
+        shape = shapes[chips]
+    else:
+        raise _unknown(name)
+    topology = f"{chip.name}:{'x'.join(map(str, shape))}"
+    return TargetSpec(name, topology, chip, shape, _bounds(chip, shape))
+
+
+def resolve_target(name: str) -> Target:
+    """The devices to compile for on target `name`: compile-only TPU devices from libtpu, or host devices.
+
+    Args:
+        name: as `parse_target` takes it.
+
+    >>> target = resolve_target("v5e:2x2")
+    >>> mesh = jax.sharding.Mesh(np.array(target.devices), ("data",))  # 4 TPU v5 lite devices
+    """
+    spec = parse_target(name)
+    if spec.chip is None:
+        return Target(spec, _host_devices(spec.chips))
+    if importlib.util.find_spec("libtpu") is None:
+        raise RivalError(INSTALL_TPU)
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            topology_name=spec.topology, platform="tpu", chips_per_host_bounds=spec.chips_per_host_bounds
+        )
+    except RuntimeError as error:  # libtpu's JaxRuntimeError: a shape it does not lay out
+        raise RivalError(f"target {name!r}: libtpu cannot lay out {spec.topology} ({error})") from error
+    return Target(spec, tuple(topology.devices))
+
+
+def _host_devices(count: int) -> tuple[Any, ...]:
+    import jax
+
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise RivalError(
+            f"target cpu:{count} needs {count} host devices, this process has {len(devices)}: start it with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={count}"
+        )
+    return tuple(devices[:count])

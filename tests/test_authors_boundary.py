@@ -1,7 +1,7 @@
 """The authors' files put every stage on the step their code does (their attention layer counts t - 1).
 
-`boundary` (tests/data/parity) is their code with `t_align` 600 at 10 steps: it fuses from t = 601,
-the step whose timestep is next to their threshold.
+Here every step count and threshold against their counter rule; `tests/test_parity.py` runs the
+`boundary` case (their code with `t_align` 600 at 10 steps, fusing from t = 601) through their config.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from rival_jax import RivalPipeline
 from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.core.sampler import FUSION, PLAIN, REPLACEMENT, attention_stage
 from rival_jax.jobs.authors import from_step_counter, inference_settings
-from rival_jax.jobs.settings import ROW_FIELDS, generation_arguments, merge_settings, read_settings_file
+from rival_jax.jobs.settings import ROW_FIELDS, merge_settings, read_settings_file
 
 from .conftest import PARITY
-from .test_parity import TOLERANCE, picture, reference, relative_error
 
 STEP_COUNTS = (10, 20, 25, 50)
 INFERENCE = sorted((PARITY.parent / "authors-configs" / "configs").glob("*.json"))
@@ -83,29 +81,3 @@ def test_authors_t_align_is_recorded_only_while_t_align_is_its_mapping():
     assert merge_settings(settings)["authors_t_align"] == 600 and merge_settings(settings)["t_align"] == 601
     assert merge_settings(settings, {"t_align": 500})["authors_t_align"] is None
     assert merge_settings({})["authors_t_align"] is None
-
-
-@pytest.fixture(scope="module")
-def pipe(cache_dir):
-    return RivalPipeline.from_pretrained(PARITY / "tiny-sd", cache_dir=cache_dir)
-
-
-def test_their_config_with_t_align_next_to_a_timestep_reproduces_their_latent(pipe, tmp_path):
-    arrays, meta = reference("boundary")
-    chain_arrays, _ = reference(meta["chain_case"])
-    config_file = tmp_path / "rival_variation.json"
-    config_file.write_text(json.dumps(meta["authors_inference_config"]))
-    settings = merge_settings(read_settings_file(config_file, ROW_FIELDS), {"prompt": meta["prompts"][1]})
-    assert (settings["authors_t_align"], settings["t_align"]) == (meta["t_align"], meta["t_align"] + 1)
-    chain = pipe.invert(picture("exemplar.png"), settings["inversion_prompt"], settings["steps"])
-    assert relative_error(chain.latents, chain_arrays["chain"]) < TOLERANCE
-
-    def final(settings: dict) -> float:
-        arguments = generation_arguments(settings)
-        out = pipe.generate(chain, **arguments, latents=arrays["start_latent"][None], output_type="latent")
-        return relative_error(out.latents[0], arrays["final_latent"])
-
-    assert final(settings) < TOLERANCE
-    # Their threshold read as a timestep would replace one step longer than their code does.
-    unmapped = merge_settings(settings, {"t_align": meta["t_align"]})
-    assert final(unmapped) > TOLERANCE

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from rival_jax import RivalConfig, RivalPipeline, images
+from rival_jax.jobs.settings import ROW_FIELDS, generation_arguments, merge_settings, read_settings_file
 
 from .conftest import PARITY
 
@@ -116,3 +117,24 @@ def test_inpainting_keeps_the_exemplar_outside_the_mask(chains, generated):
     arrays, _ = reference("inpainting")
     outside = ~arrays["latent_mask_regenerated"]
     np.testing.assert_array_equal(generated("inpainting")[:, outside], np.asarray(chains("").latents[0])[:, outside])
+
+
+def test_their_config_with_t_align_next_to_a_timestep_reproduces_their_latent(pipe, chains, tmp_path):
+    arrays, meta = reference("boundary")
+    chain_arrays, _ = reference(meta["chain_case"])
+    config_file = tmp_path / "rival_variation.json"
+    config_file.write_text(json.dumps(meta["authors_inference_config"]))
+    settings = merge_settings(read_settings_file(config_file, ROW_FIELDS), {"prompt": meta["prompts"][1]})
+    assert (settings["authors_t_align"], settings["t_align"]) == (meta["t_align"], meta["t_align"] + 1)
+    assert (settings["inversion_prompt"], settings["steps"]) == ("", len(chain_arrays["chain"]) - 1)
+    chain = chains(settings["inversion_prompt"])  # their run reused `variation_null`'s inversion
+
+    def final(settings: dict) -> float:
+        arguments = generation_arguments(settings)
+        out = pipe.generate(chain, **arguments, latents=arrays["start_latent"][None], output_type="latent")
+        return relative_error(out.latents[0], arrays["final_latent"])
+
+    assert final(settings) < TOLERANCE
+    # Their threshold read as a timestep would replace one step longer than their code does.
+    unmapped = merge_settings(settings, {"t_align": meta["t_align"]})
+    assert final(unmapped) > TOLERANCE

@@ -35,7 +35,7 @@ REFERENCE_COLLECTION = "intermediates"
 REFERENCE_NAME = "rival_reference"
 REPLACE, FUSE = "replace", "fuse"
 QUERY_BLOCK = 256
-KeyValues = tuple[jnp.ndarray, jnp.ndarray]
+KeyValues = pallas_attention.KeyValues
 
 
 def _is_self_attention(context: nn.module.InterceptorContext) -> bool:

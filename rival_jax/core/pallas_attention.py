@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import flash_attention as flash
 
 from rival_jax.core.parallel import padded_length
 
@@ -72,6 +71,8 @@ def flash_attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.
 
     >>> out = flash_attend(q, k, v, 40**-0.5)  # on a CPU: within pltpu.force_tpu_interpret_mode()
     """
+    from jax.experimental.pallas.ops.tpu import flash_attention as flash  # Pallas' TPU ops load only when used
+
     batch, length, _, dim = q.shape
     keys = k.shape[1]
     q_length, q_block = query_blocking(length)

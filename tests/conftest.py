@@ -97,3 +97,41 @@ def tiny_controlnet(tiny_flax: Path, tmp_path_factory: pytest.TempPathFactory) -
     from rival_jax.models.random_controlnet import write_tiny_controlnet
 
     return write_tiny_controlnet(tmp_path_factory.mktemp("controlnet"), tiny_flax, seed=1)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto) on 127.0.0.1, with fsspec's s3:// pointed at it; stopped after the session."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {name: os.environ.get(name) for name in credentials}
+    os.environ.update(credentials)
+    fsspec.config.conf["s3"] = {"endpoint_url": f"http://{host}:{port}"}
+    yield f"http://{host}:{port}"
+    fsspec.config.conf.pop("s3", None)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh empty bucket on the local S3 server, as an s3:// URL."""
+    import s3fs
+
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"

@@ -12,6 +12,7 @@ LAYERS = (
     ("core",),
     ("models",),
     ("metrics",),
+    ("data",),
     ("pipeline",),
     ("tpu",),
     ("jobs",),

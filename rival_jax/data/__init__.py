@@ -1,0 +1,1 @@
+"""Dataset input and output of augmentation jobs: sources, output sinks and storage by path or URL."""

@@ -1,0 +1,182 @@
+"""Sources of exemplars (`rival_jax.data.sources`): folders, manifests, Parquet, datasets, WebDataset, s3://.
+
+Every test uses the real libraries (pyarrow, datasets, webdataset, s3fs against a local S3 server) and no model.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rival_jax.data.sources import Row, derive_seed, list_rows, load_row
+from rival_jax.errors import RivalError
+
+
+def _png(path: Path, mode: str = "RGB", color=(200, 30, 30), size=(40, 32)) -> bytes:
+    """An image written at `path` (folders made), returned as its bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def train(tmp_path) -> Path:
+    """An ImageFolder: train/cat/{a.png, indoor/c.png}, train/dog/b.png and a top-level top.png."""
+    root = tmp_path / "train"
+    for name, color in [
+        ("cat/a.png", "red"),
+        ("cat/indoor/c.png", "orange"),
+        ("dog/b.png", "blue"),
+        ("top.png", "gray"),
+    ]:
+        _png(root / name, color=color)
+    return root
+
+
+def test_a_folder_is_read_recursively_with_the_first_folder_as_label(train):
+    listing = list_rows(train, {"prompt": "a photo of a {label}", "steps": 3}, model="tiny")
+    assert [row.id for row in listing.rows] == ["cat/a.png", "cat/indoor/c.png", "dog/b.png", "top.png"]
+    assert [row.name for row in listing.rows] == ["cat/a", "cat/indoor/c", "dog/b", "top"]
+    assert [row.label for row in listing.rows] == ["cat", "cat", "dog", None]
+    assert [row.settings["prompt"] for row in listing.rows[:3]] == ["a photo of a cat"] * 2 + ["a photo of a dog"]
+    assert all(row.settings["steps"] == 3 for row in listing.rows)
+    assert listing.problems == [] and listing.extra_columns == []
+    assert listing.rows[0].settings["seed"] == derive_seed(0, "cat/a.png")
+
+
+def test_a_csv_keeps_label_split_and_caption_as_data_and_prompts_from_a_column(tmp_path, train):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "image,label,split,caption,seed\n"
+        "train/cat/a.png,cat,train,a red cat,\n"
+        "train/dog/b.png,dog,val,a blue dog,7\n"
+        "train/top.png,,val,,\n"
+    )
+    listing = list_rows(manifest, {}, model="tiny", prompt_column="caption")
+    assert [row.id for row in listing.rows] == ["train/cat/a.png", "train/dog/b.png"]
+    cat, dog = listing.rows
+    assert cat.entry.columns == {"label": "cat", "split": "train", "caption": "a red cat", "seed": ""}
+    assert (cat.label, cat.settings["prompt"], dog.settings["prompt"]) == ("cat", "a red cat", "a blue dog")
+    assert dog.settings["seed"] == 7 and cat.settings["seed"] == derive_seed(0, "train/cat/a.png")
+    assert listing.extra_columns == ["caption", "label", "split"]
+    assert listing.problems == [
+        "row train/top.png skipped: its caption column (the prompt) is missing or empty: give every row one"
+    ]
+
+
+def test_a_template_formats_any_column_and_an_unknown_field_is_a_problem(tmp_path, train):
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"image": "train/cat/a.png", "label": "cat", "style": "oil"}, {"image": "train/dog/b.png", "label": "dog"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    listing = list_rows(manifest, {"prompt": "an {style} painting of a {label}"}, model="tiny")
+    assert [row.settings["prompt"] for row in listing.rows] == ["an oil painting of a cat"]
+    assert len(listing.problems) == 1 and "row train/dog/b.png skipped: prompt template" in listing.problems[0]
+    assert "{style}" in listing.problems[0]
+    plain = list_rows(manifest, {"prompt": "no braces here"}, model="tiny")
+    assert {row.settings["prompt"] for row in plain.rows} == {"no braces here"}
+
+
+def _by_id(listing) -> dict[str, Row]:
+    return {row.id: row for row in listing.rows}
+
+
+def test_ids_seeds_and_names_survive_inserting_removing_and_reordering_rows(tmp_path, train):
+    manifest = tmp_path / "m.jsonl"
+
+    def listed(names):
+        manifest.write_text("".join(json.dumps({"image": f"train/{n}"}) + "\n" for n in names))
+        return _by_id(list_rows(manifest, {"seed": 5}, model="tiny"))
+
+    before = listed(["dog/b.png", "top.png"])
+    after = listed(["cat/a.png", "top.png", "cat/indoor/c.png", "dog/b.png"])
+    fewer = listed(["top.png"])
+    for id, row in before.items():
+        assert (after[id].settings["seed"], after[id].name) == (row.settings["seed"], row.name)
+        assert load_row(after[id], model="tiny")[1] == load_row(row, model="tiny")[1]
+    assert fewer["train/top.png"].settings == before["train/top.png"].settings
+    assert len({row.settings["seed"] for row in after.values()}) == 4
+
+
+def test_the_key_changes_with_the_image_the_settings_and_the_model(train):
+    row = list_rows(train, {}, model="tiny").rows[0]
+    image, key, converted = load_row(row, model="tiny")
+    assert image.mode == "RGB" and not converted
+    other = list_rows(train, {"steps": 7}, model="tiny").rows[0]
+    assert len({key, load_row(other, model="tiny")[1], load_row(row, model="sd15")[1]}) == 3
+    _png(train / "cat" / "a.png", color="green")
+    assert load_row(row, model="tiny")[1] != key
+
+
+@pytest.mark.parametrize(
+    ("mode", "color", "expected"),
+    [
+        ("L", 100, (100, 100, 100)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("RGBA", (0, 0, 255, 0), (255, 255, 255)),  # fully transparent: white
+        ("LA", (0, 128), (128, 128, 128)),  # half transparent black over white
+    ],
+)
+def test_grayscale_cmyk_and_alpha_images_are_converted_to_rgb_over_white(tmp_path, mode, color, expected):
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    _png(tmp_path / "src" / f"x{suffix}", mode, color)
+    image, _, converted = load_row(list_rows(tmp_path / "src", {}, model="tiny").rows[0], model="tiny")
+    assert converted and image.mode == "RGB"
+    assert np.abs(np.asarray(image)[0, 0].astype(int) - expected).max() <= 2
+
+
+def test_a_palette_image_with_transparency_is_laid_over_white(tmp_path):
+    image = Image.new("P", (40, 32), 0)
+    image.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    image.putpixel((5, 5), 1)
+    (tmp_path / "src").mkdir()
+    image.save(tmp_path / "src" / "p.png", transparency=0)
+    rgb, _, converted = load_row(list_rows(tmp_path / "src", {}, model="tiny").rows[0], model="tiny")
+    assert converted and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((5, 5)) == (10, 200, 10)
+
+
+def test_clashing_ids_and_output_names_are_problem_lines_naming_both(tmp_path, train):
+    _png(train / "cat" / "a.jpg")
+    listing = list_rows(train, {}, model="tiny")
+    assert "cat/a.png" not in _by_id(listing) and "cat/a.jpg" not in _by_id(listing)
+    clashes = [p for p in listing.problems if "share the output name 'cat/a'" in p]
+    assert len(clashes) == 2 and all("a.png" in p and "a.jpg" in p for p in clashes)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,id\ntrain/cat/a.png,one\ntrain/dog/b.png,one\ntrain/top.png,two\n")
+    listing = list_rows(manifest, {}, model="tiny")
+    assert [row.id for row in listing.rows] == ["two"]
+    assert len(listing.problems) == 2 and all("share the id 'one'" in p for p in listing.problems)
+
+
+def test_bad_rows_are_problem_lines_and_a_bad_source_is_one_error(tmp_path, train):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "train/top.png", "steps": "many"}\n[1]\n{"prompt": "x"}\nnot json\n')
+    listing = list_rows(manifest, {}, model="tiny")
+    assert listing.rows == [] and len(listing.problems) == 4
+    assert all(p.startswith("row ") and "skipped: " in p for p in listing.problems)
+    (tmp_path / "m.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for source, message in [
+        ("missing", "does not exist"),
+        ("m.txt", "is not a folder of images"),
+        ("empty", "no rows"),
+    ]:
+        with pytest.raises(RivalError, match=message):
+            list_rows(tmp_path / source, {}, model="tiny")
+
+
+def test_an_unreadable_image_is_an_error_naming_it(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bad.png").write_bytes(b"not a png")
+    row = list_rows(tmp_path / "src", {}, model="tiny").rows[0]
+    with pytest.raises(RivalError, match=r"bad.png is not a readable image"):
+        load_row(row, model="tiny")
+
+
+def test_rows_are_picklable(train):
+    listing = list_rows(train, {}, model="tiny")
+    assert pickle.loads(pickle.dumps(listing.rows))[0].entry == listing.rows[0].entry

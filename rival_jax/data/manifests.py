@@ -21,6 +21,7 @@ from rival_jax.data import storage
 from rival_jax.data.entries import IMAGE_SUFFIXES, Entry, Skipped, make_entry, relative_id
 from rival_jax.errors import RivalError
 from rival_jax.jobs.authors import image_entries
+from rival_jax.jobs.settings import ROW_FIELDS
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 PATH_COLUMNS = ("mask", "control_image")
@@ -104,8 +105,8 @@ def _records(source: str, text: str) -> Iterator[tuple[int, dict[str, Any] | Riv
         for number, record in enumerate(_checked(source, reader)):
             if None in record:
                 yield number, RivalError(f"more cells than the header's {len(reader.fieldnames)} columns")
-            else:
-                yield number, {k: v for k, v in record.items() if k}
+            else:  # an empty setting cell means "not set"; an empty data cell is data
+                yield number, {k: v for k, v in record.items() if k and (v != "" or k not in ROW_FIELDS)}
         return
     for number, line in enumerate(line for line in text.splitlines() if line.strip()):
         try:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -190,7 +191,9 @@ def _settings(entry: Entry, defaults: dict[str, Any], prompt_column: str | None)
         if not isinstance(prompt, str) or not prompt.strip():
             raise RivalError(f"its {prompt_column} column (the prompt) is missing or empty: give every row one")
         values["prompt"] = prompt
-    values.setdefault("seed", derive_seed(defaults.get("seed", 0), entry.id))
+    base = defaults.get("seed", 0)
+    if isinstance(base, int) and not isinstance(base, bool):  # merge_settings names any other
+        values.setdefault("seed", derive_seed(base, entry.id))
     return merge_settings(defaults, values)
 
 
@@ -224,13 +227,17 @@ def _unique(rows: list[Row]) -> tuple[list[Row], list[str]]:
 
 def _entries(source: str, defaults: dict[str, Any], split: str | None) -> Iterable[Entry | Skipped]:
     """The entries of `source`, read by the reader its kind needs."""
-    if tars.is_pattern(source):
-        files = tars.expand(source)
-        return _files_entries(source, files, os.path.dirname(source.split("{")[0].split("*")[0]))
-    if not storage.is_url(source) and not os.path.exists(source):
+    local = not storage.is_url(source)
+    if tars.is_pattern(source) and not (local and os.path.exists(source)):
+        root, files = os.path.dirname(re.split(r"[{*?\[]", source)[0]), tars.expand(source)
+        if local:  # absolute, so that rows shipped to other processes find their files whatever their folder
+            root, files = os.path.abspath(root), [os.path.abspath(f) for f in files]
+        return _files_entries(source, files, root)
+    if local and not os.path.exists(source):
         if split is not None and tables.is_hub_id(source):
             return tables.dataset_entries(source, split)
         raise RivalError(f"source {source} does not exist: check the path (a hub dataset id needs --split)")
+    source = os.path.abspath(source) if local else source
     if _is_folder(source):
         if tables.is_saved_dataset(source):
             return tables.dataset_entries(source, split)

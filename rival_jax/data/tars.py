@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import tarfile
 from collections.abc import Iterator
 
 from rival_jax.data import storage
@@ -56,7 +57,7 @@ def tar_entries(shards: list[str]) -> Iterator[Entry | Skipped]:
                 members = ({**member, "__url__": shard} for member in tar_file_iterator(stream))
                 for sample in group_by_keys(members):
                     yield _sample_entry(name, sample)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, tarfile.TarError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise RivalError(f"shard {shard} cannot be read ({reason}): check that it is a WebDataset .tar") from None
 

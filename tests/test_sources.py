@@ -71,6 +71,7 @@ def test_a_csv_keeps_label_split_and_caption_as_data_and_prompts_from_a_column(t
     assert (cat.label, cat.settings["prompt"], dog.settings["prompt"]) == ("cat", "a red cat", "a blue dog")
     assert dog.settings["seed"] == 7 and cat.settings["seed"] == derive_seed(0, "train/cat/a.png")
     assert listing.extra_columns == ["caption", "label", "split"]
+    assert [row.name for row in listing.rows] == ["cat/train/cat/a", "dog/train/dog/b"]  # under the label's folder
     assert listing.problems == [
         "row train/top.png skipped: its caption column (the prompt) is missing or empty: give every row one"
     ]
@@ -211,6 +212,8 @@ def test_parquet_image_columns_as_paths_bytes_or_the_hugging_face_struct(tmp_pat
     expected = {"path": ["../train/" + n for n in names], "bytes": [f"data.parquet#{i}" for i in range(3)]}
     assert [row.id for row in listing.rows] == expected.get(form, names)
     assert [row.label for row in listing.rows] == ["cat", "cat", "dog"]
+    if form == "bytes":
+        assert [row.name for row in listing.rows] == ["cat/data/0", "cat/data/1", "dog/data/2"]
     assert [row.entry.columns["score"] for row in listing.rows] == [1, 2, 3]
     assert listing.extra_columns == ["label", "score"] and listing.problems == []
     for row, expected_bytes in zip(listing.rows, data, strict=True):
@@ -274,6 +277,7 @@ def test_webdataset_shards_and_brace_patterns_give_samples_with_labels_and_colum
     listing = list_rows(f"{tmp_path}/shards/s-{{000..001}}.tar", {"prompt": "a {label}"}, model="tiny")
     assert [row.id for row in listing.rows] == ["custom", "s-000/a", "s-000/b"]
     assert [row.label for row in listing.rows] == ["dog", "cat", "dog"]
+    assert [row.name for row in listing.rows] == ["dog/custom", "cat/s-000/a", "dog/s-000/b"]
     assert [row.entry.origin for row in listing.rows] == ["s-001.tar#c", "s-000.tar#a", "s-000.tar#b"]
     assert listing.rows[1].entry.columns == {"caption": "red"} and listing.extra_columns == ["caption", "id"]
     image, _, converted = load_row(listing.rows[2], model="tiny")
@@ -355,3 +359,26 @@ def test_any_manifest_with_extra_columns_carries_them_whatever_the_row_order(col
         expected = {r["image"]: r for r in records}
         for row in first.rows:
             assert {c: row.entry.columns.get(c, "") for c in columns} == {c: expected[row.id][c] for c in columns}
+
+
+def test_s3_shards_parquet_globs_and_datasets_folders(s3_bucket, tmp_path, train):
+    import datasets
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    _shard(tmp_path / "s-000.tar", [_sample("a", "red", "cat")])
+    _parquet(tmp_path / "part-0.parquet", {"image": [(train / "dog/b.png").read_bytes()], "label": ["dog"]})
+    datasets.Dataset.from_dict(
+        {"image": [str(train / "cat/a.png")]}, features=datasets.Features({"image": datasets.Image()})
+    ).save_to_disk(str(tmp_path / "ds"))
+    for name in ("s-000.tar", "part-0.parquet"):
+        fs.put(str(tmp_path / name), f"{s3_bucket}/data/{name}")
+    fs.put(str(tmp_path / "ds"), f"{s3_bucket}/ds", recursive=True)
+    for source, id, color in [
+        (f"{s3_bucket}/data/s-{{000..000}}.tar", "s-000/a", (255, 0, 0)),
+        (f"{s3_bucket}/data/part-*.parquet", "part-0.parquet#0", (0, 0, 255)),
+        (f"{s3_bucket}/ds", None, (255, 0, 0)),
+    ]:
+        (row,) = list_rows(source, {}, model="tiny").rows
+        assert id is None or row.id == id
+        assert load_row(row, model="tiny")[0].getpixel((0, 0)) == color

@@ -55,24 +55,34 @@ def make_entry(id: str, origin: str, label: Any, columns: dict[str, Any], image:
     given = columns.get("id")
     id = str(given) if given not in (None, "") else id
     label = columns.get("label") if label is None else label
-    return Entry(id, output_name(id), origin, None if label in (None, "") else str(label), columns, image)
+    label = None if label in (None, "") else str(label)
+    return Entry(id, output_name(id, label), origin, label, columns, image)
 
 
-def output_name(id: str) -> str:
-    """The output stem of an id: "cat/in door/c.png" -> "cat/in_door/c", "x.parquet#12" -> "x/12".
+def output_name(id: str, label: str | None = None) -> str:
+    """The output stem of an id, under a folder named after the label unless the id starts with one.
+
+    >>> output_name("cat/in door/c.png", "cat"), output_name("x.parquet#12", "dog"), output_name("a.png")
+    ('cat/in_door/c', 'dog/x/12', 'a')
 
     Every part keeps only letters, digits, ".", "_" and "-"; an image suffix is dropped, as is the
-    suffix of the file a "<file>#<row>" id names; nothing climbs out of the output folder.
+    suffix of the file a "<file>#<row>" id names; nothing climbs out of the output folder. Outputs
+    under their label's folder are what torchvision's ImageFolder reads classes from.
     """
     file, hash, row = id.partition("#")
     if hash:
         id = f"{posixpath.splitext(file)[0]}/{row}"
-    parts = [_UNSAFE.sub("_", part).lstrip(".") or "_" for part in id.replace("\\", "/").split("/") if part]
-    parts = parts or ["_"]
+    parts = [_part(part) for part in id.replace("\\", "/").split("/") if part] or ["_"]
     stem, suffix = posixpath.splitext(parts[-1])
     if suffix.lower() in IMAGE_SUFFIXES and stem:
         parts[-1] = stem
+    if label is not None and (len(parts) == 1 or parts[0] != _part(label)):
+        parts.insert(0, _part(label))
     return "/".join(parts)
+
+
+def _part(text: str) -> str:
+    return _UNSAFE.sub("_", text).lstrip(".") or "_"
 
 
 def relative_id(location: str, root: str) -> str:

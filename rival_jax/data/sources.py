@@ -121,7 +121,8 @@ def load_row(row: Row, *, model: str) -> tuple[Image.Image, str, bool]:
     """The row's exemplar as an RGB image, the row's key, and whether the image had to be converted to RGB.
 
     Grayscale, CMYK and palette images are converted; RGBA and LA are laid over white. The key hashes
-    the image bytes, the row's id and resolved settings and `model`: it changes whenever the output would.
+    the image bytes, the row's id, output name and resolved settings and `model`: it changes whenever the
+    output would.
 
     Args:
         row: from `list_rows`.
@@ -133,7 +134,7 @@ def load_row(row: Row, *, model: str) -> tuple[Image.Image, str, bool]:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
-            image, converted = as_rgb(opened)
+            image, converted = to_rgb(opened)
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise RivalError(
             f"exemplar {row.entry.origin} is not a readable image ({type(error).__name__}): use a PNG or JPEG"
@@ -142,18 +143,19 @@ def load_row(row: Row, *, model: str) -> tuple[Image.Image, str, bool]:
 
 
 def row_key(data: bytes, row: Row, model: str) -> str:
-    """The hash of a row's image bytes, id, resolved settings and model (20 hex digits)."""
+    """The hash of a row's image bytes, id, output name, resolved settings and model (20 hex digits)."""
     digest = hashlib.sha256(data)
-    described = {k: row.settings[k] for k in ROW_FIELDS if k != "authors_t_align"} | {"model": model, "id": row.id}
+    described = {k: row.settings[k] for k in ROW_FIELDS if k != "authors_t_align"}
+    described |= {"model": model, "id": row.id, "name": row.name}
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 
 
-def as_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
+def to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
     """`image` in RGB, transparent parts over white, and whether it was converted."""
     if image.mode == "RGB" and "transparency" not in image.info:
         return image, False
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         layer = image.convert("RGBA")
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, layer).convert("RGB"), True

@@ -6,14 +6,17 @@ matched to the exemplar (and label) it was made for.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from rival_jax.data.records import load_records
+from rival_jax.data import storage
+from rival_jax.data.records import RecordLog, load_records
 from rival_jax.data.sinks import Item, OutputSpec, open_sink
 from rival_jax.errors import RivalError
 
@@ -172,3 +175,174 @@ def test_a_bad_output_spec_is_one_line(spec, message):
     with pytest.raises(RivalError, match=message) as raised:
         OutputSpec(**spec)
     assert "\n" not in str(raised.value)
+
+
+def _kill_at(monkeypatch, count: int) -> None:
+    """Interrupt the job as it encodes image number `count` (from 0), as a kill would: the sink is never closed."""
+    from rival_jax.data import sinks
+
+    calls = []
+
+    def encode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > count:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = sinks.encode
+    monkeypatch.setattr(sinks, "encode", encode)
+
+
+def test_a_kill_mid_shard_redoes_only_that_shards_items(tmp_path, monkeypatch):
+    import webdataset
+
+    output, spec = tmp_path / "out", OutputSpec(format="webdataset", shard_size=2)
+    _kill_at(monkeypatch, 5)  # shards 1 (cat/a) and 2 (cat/b, dog/c v0) committed; shard 3 holds dog/c v1
+    with pytest.raises(KeyboardInterrupt):
+        _write(output, spec, _items(WITH_TOP))
+    monkeypatch.undo()
+    (output / "shards" / ".0000-000003.tar.x1.tmp").write_bytes(b"half a shard")  # a kill while committing
+    (output / "shards" / ".0001-000001.tar.x2.tmp").write_bytes(b"process 1 is writing this")
+    added = []
+    sink = open_sink(output, spec, process=0, overwrite=False, log=print)
+    done = sink.finished()
+    for item, image in _items(WITH_TOP):
+        if (item.key, item.variation_index) not in done:
+            added.append((item.name, item.variation_index))
+            sink.add(item, image)
+    sink.close()
+    assert added == [("dog/c", 1), ("top", 0), ("top", 1)]  # the killed shard's item, then those never started
+    assert sorted(p.name for p in (output / "shards").iterdir()) == [
+        ".0001-000001.tar.x2.tmp", "0000-000001.tar", "0000-000002.tar", "0000-000003.tar", "0000-000004.tar",
+    ]  # fmt: skip
+    shards = sorted(str(p) for p in (output / "shards").glob("*.tar"))
+    keys = [s["__key__"] for s in webdataset.WebDataset(shards, shardshuffle=False, empty_check=False)]
+    assert len(keys) == len(set(keys)) == 7
+    assert len(_no_file_twice(output)) == 8  # seven kept, one dropped
+
+
+def test_a_shard_committed_but_not_recorded_is_adopted_not_written_again(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    output, spec = tmp_path / "out", OutputSpec(format="parquet", shard_size=3)
+    real = RecordLog.append
+
+    def killed_after_the_commit(self, records):
+        if records:
+            raise KeyboardInterrupt
+        real(self, records)
+
+    monkeypatch.setattr(RecordLog, "append", killed_after_the_commit)
+    with pytest.raises(KeyboardInterrupt):
+        _write(output, spec)
+    monkeypatch.undo()
+    assert [p.name for p in (output / "data").iterdir()] == ["0000-000001.parquet"] and not load_records(output)
+    _write(output, spec)
+    records = _no_file_twice(output)
+    assert [r["sample"] for r in records if r["adopted"]] == ["cat/a_v0000", "cat/a_v0001", "cat/b_v0000"]
+    rows = [row for p in sorted((output / "data").iterdir()) for row in pq.read_table(p).to_pylist()]
+    assert len(rows) == len({(r["key"], r["variation_index"]) for r in rows}) == 5
+
+
+def test_only_whole_files_this_process_stamped_are_adopted(tmp_path):
+    output = tmp_path / "out"
+    _write(output, OutputSpec(), process=1)
+    (output / "records-0001.jsonl").unlink()  # process 1 killed before recording
+    Image.new("RGB", (4, 4)).save(output / "images" / "cat" / "foreign.png")
+    cut = output / "images" / "dog" / "c_v0001.png"
+    cut.write_bytes(cut.read_bytes()[:-40])  # a file cut short (not written by the sink, whose writes are atomic)
+    assert _write(output, OutputSpec(), items=[], process=0).finished() == set()
+    assert not (output / "records-0000.jsonl").exists()
+    assert _write(output, OutputSpec(), items=[], process=1).finished() == {
+        ("key-cat/a", 0),
+        ("key-cat/a", 1),
+        ("key-cat/b", 0),
+        ("key-dog/c", 0),
+    }
+    assert [json.loads(line)["file_name"] for line in (output / "metadata.jsonl").read_text().splitlines()] == [
+        "images/cat/a_v0000.png", "images/cat/a_v0001.png", "images/cat/b_v0000.png", "images/dog/c_v0000.png",
+    ]  # fmt: skip
+    _write(output, OutputSpec(), process=1)  # the cut file is generated again, and recorded once
+    assert [r["file"] for r in _no_file_twice(output) if not r["adopted"]] == [None, "images/dog/c_v0001.png"]
+
+
+def test_overwrite_removes_what_this_process_recorded_and_starts_over(tmp_path):
+    output = tmp_path / "out"
+    _write(output, OutputSpec(), process=0)
+    other = [(Item("key-other", 0, "other/z", {"label": "other"}, (8, 8)), Image.new("RGB", (8, 8)))]
+    _write(output, OutputSpec(), other, process=1)
+    Image.new("RGB", (4, 4)).save(output / "images" / "cat" / "mine.png")
+    lines = []
+    sink = open_sink(output, OutputSpec(), process=0, overwrite=True, log=lines.append)
+    assert lines == [f"--overwrite: removed 5 files the earlier run recorded in {output}"]
+    assert sink.finished() == set() and not (output / "records-0000.jsonl").exists()
+    assert sorted(p.name for p in (output / "images").rglob("*.png")) == ["mine.png", "z_v0000.png"]
+    sink.close()
+    assert [json.loads(line)["file_name"] for line in (output / "metadata.jsonl").read_text().splitlines()] == [
+        "images/other/z_v0000.png"
+    ]
+    shards = tmp_path / "shards"
+    _write(shards, OutputSpec(format="webdataset", shard_size=2))
+    (shards / "records-0000.jsonl").write_text("")  # its shards unrecorded: still this process's, removed too
+    open_sink(shards, OutputSpec(format="webdataset"), process=0, overwrite=True, log=lines.append)
+    assert lines[-1].startswith("--overwrite: removed 3 files") and not list((shards / "shards").iterdir())
+
+
+def test_two_processes_index_every_kept_image_once(tmp_path):
+    output = tmp_path / "out"
+    items = _items(WITH_TOP)
+    first = open_sink(output, OutputSpec(), process=0, overwrite=False, log=print)
+    second = open_sink(output, OutputSpec(), process=1, overwrite=False, log=print)
+    for number, (item, image) in enumerate(items):
+        (first if number < 4 else second).add(item, image)
+    first.close()
+    second.close()
+    lines = [json.loads(line) for line in (output / "metadata.jsonl").read_text().splitlines()]
+    assert [line["file_name"] for line in lines] == sorted(f"images/{p}" for p in storage.list_files(output / "images"))
+    assert len(lines) == 7 and len(_no_file_twice(output)) == 8
+
+
+def test_every_output_file_is_readable_as_the_umask_says(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        _write(tmp_path / "files", OutputSpec())
+        _write(tmp_path / "shards", OutputSpec(format="webdataset"))
+    finally:
+        os.umask(previous)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 10  # five images, the index, the records lock, a shard, two records files
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o640"}
+
+
+def test_outputs_round_trip_through_a_local_s3_server(s3_bucket, tmp_path, monkeypatch):
+    import webdataset
+
+    url = f"{s3_bucket}/out"
+    _kill_at(monkeypatch, 4)  # three items recorded (one object); dog/c v0 written, not recorded (as cat/b v1)
+    with pytest.raises(KeyboardInterrupt):
+        _write(url, OutputSpec(image_format="jpeg", shard_size=3))
+    monkeypatch.undo()
+    assert len(load_records(url)) == 3
+    _write(url, OutputSpec(image_format="jpeg", shard_size=3))
+    records = _no_file_twice(url)
+    assert len(records) == 6 and [r["file"] for r in records if r["adopted"]] == ["images/dog/c_v0000.jpg"]
+    assert [n for n in storage.list_files(url) if n.startswith("records")] == [
+        "records-0000-000001.jsonl", "records-0000-000002.jsonl", "records-0000-000003.jsonl",
+    ]  # fmt: skip
+    lines = [json.loads(line) for line in storage.read_bytes(f"{url}/metadata.jsonl").decode().splitlines()]
+    assert len(lines) == 5
+    for line in lines:
+        image = Image.open(io.BytesIO(storage.read_bytes(f"{url}/{line['file_name']}")))
+        assert image.format == "JPEG" and _colour_label(image) == line["label"]
+    assert _write(url, OutputSpec(), items=[]).finished() == {(r["key"], r["variation_index"]) for r in records}
+    shards = f"{s3_bucket}/shards"
+    _write(shards, OutputSpec(format="webdataset", shard_size=3))
+    names = storage.list_files(f"{shards}/shards")
+    assert names == ["0000-000001.tar", "0000-000002.tar"]
+    for name in names:
+        (tmp_path / name).write_bytes(storage.read_bytes(f"{shards}/shards/{name}"))
+    local = [str(tmp_path / name) for name in names]
+    samples = list(webdataset.WebDataset(local, shardshuffle=False, empty_check=False).decode("pil"))
+    assert len(samples) == 5 and all(_colour_label(s["png"]) == s["json"]["label"] for s in samples)
+    done = {(item.key, item.variation_index) for item, _ in _items()}
+    assert _write(shards, OutputSpec(format="webdataset"), items=[]).finished() == done

@@ -346,3 +346,18 @@ def test_outputs_round_trip_through_a_local_s3_server(s3_bucket, tmp_path, monke
     assert len(samples) == 5 and all(_colour_label(s["png"]) == s["json"]["label"] for s in samples)
     done = {(item.key, item.variation_index) for item, _ in _items()}
     assert _write(shards, OutputSpec(format="webdataset"), items=[]).finished() == done
+
+
+def test_items_finished_in_another_format_are_written_in_this_one(tmp_path):
+    output = tmp_path / "out"
+    _write(output, OutputSpec(format="webdataset"))
+    added = []
+    sink = open_sink(output, OutputSpec(), process=0, overwrite=False, log=print)
+    done = sink.finished()
+    for item, image in _items():
+        if (item.key, item.variation_index) not in done:
+            added.append(image is not None)
+            sink.add(item, image)
+    sink.close()
+    assert added == [True] * 5, "the kept images again, as files; the dropped one stays dropped"
+    assert len((output / "metadata.jsonl").read_text().splitlines()) == 5

@@ -62,7 +62,7 @@ def encode(
     target = image.size if size == "model" else tuple(source_size) if size == "source" else tuple(size)
     if target != image.size:
         image = image.resize(target, Image.Resampling.LANCZOS)
-    text = json.dumps(stamp)
+    text = json.dumps(stamp, default=str)
     if len(text) > _EXIF_ROOM:
         text = json.dumps({k: stamp[k] for k in ("key", "variation_index", "file", "process") if k in stamp})
     buffer = io.BytesIO()

@@ -62,7 +62,7 @@ class Shard:
         """Add one image; returns the sample's key in this shard (`sample`, with dots escaped in a tar)."""
         if self._tar is not None:
             sample = sample.replace(".", "%2E")  # webdataset splits a member's key at its first dot
-            json_bytes = json.dumps(metadata).encode()
+            json_bytes = json.dumps(metadata, default=str).encode()
             self._tar.write({"__key__": sample, extension: data, "json": json_bytes})
             self._rows.append({})
         else:
@@ -90,11 +90,11 @@ def _table(rows: list[dict[str, Any]]) -> Any:
     for name in dict.fromkeys(k for row in rows for k in row):
         values = [row.get(name) for row in rows]
         if name != "image":
-            values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in values]
+            values = [json.dumps(v, default=str) if isinstance(v, (dict, list)) else v for v in values]
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds in one column: all as JSON text
-            columns[name] = pa.array([None if v is None else json.dumps(v) for v in values])
+            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
     return pa.table(columns).replace_schema_metadata({"huggingface": _HF_FEATURES})
 
 

@@ -96,6 +96,7 @@ class Sink:
     def __init__(self, output: str, spec: OutputSpec, process: int, overwrite: bool, log: Callable[[str], None]):
         self.output, self.spec, self.process, self.overwrite, self.log = output, spec, process, overwrite, log
         self.url = storage.is_url(output)
+        self._folder = SHARD_FOLDERS.get(spec.format, "images")
         self.records = RecordLog(output, process)
         self._remove_temporaries()
         if overwrite:
@@ -113,8 +114,7 @@ class Sink:
     def _shard_files(self) -> list[str]:
         if self.spec.format == "files":
             return []
-        folder = SHARD_FOLDERS[self.spec.format]
-        return [f"{folder}/{name}" for name in storage.list_files(self._location(folder))]
+        return [f"{self._folder}/{name}" for name in storage.list_files(self._location(self._folder))]
 
     def _remove_temporaries(self) -> None:
         """Temporaries a killed run left behind (this process's, for shards)."""
@@ -134,15 +134,16 @@ class Sink:
         return len(listed)
 
     def finished(self) -> set[tuple[str, int]]:
-        """(key, variation index) of every item any process committed; this process's whole but unrecorded
-        files and shard samples are adopted (recorded now). With `overwrite`: none."""
+        """(key, variation index) of every item any process committed in this format (or dropped); this process's
+        whole but unrecorded files and shard samples are adopted (recorded now). With `overwrite`: none."""
         if self.overwrite:
             return set()
         records = load_records(self.output)
         listed = {r["file"] for r in records}
         adopted = self._adopt_files(listed) if self.spec.format == "files" else self._adopt_shards(listed)
         self.records.append(adopted)
-        return {(r["key"], r["variation_index"]) for r in records + adopted}
+        folder = f"{self._folder}/"
+        return {(r["key"], r["variation_index"]) for r in records + adopted if (r["file"] or folder).startswith(folder)}
 
     def _adopt_files(self, listed: set[str]) -> list[dict[str, Any]]:
         adopted = []
@@ -177,6 +178,8 @@ class Sink:
         if image is not None:
             stem = f"{item.name}_v{item.variation_index:04d}"
             record["file"] = f"images/{stem}.{EXTENSIONS[self.spec.image_format]}"
+            if not _inside(record["file"]):
+                raise ValueError(f"item name {item.name!r} is not a relative posix path inside the output")
             if self.spec.format != "files":
                 if self._shard is None:
                     self._shard_name = shard_file(self.spec.format, self.process, self._next)

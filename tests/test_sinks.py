@@ -361,3 +361,17 @@ def test_items_finished_in_another_format_are_written_in_this_one(tmp_path):
     sink.close()
     assert added == [True] * 5, "the kept images again, as files; the dropped one stays dropped"
     assert len((output / "metadata.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_damaged_shard_is_named_kept_and_its_items_written_again(tmp_path):
+    output = tmp_path / "out"
+    (output / "shards").mkdir(parents=True)
+    (output / "shards" / "0000-000001.tar").write_bytes(b"not a tar")
+    lines = []
+    sink = open_sink(output, OutputSpec(format="webdataset"), process=0, overwrite=False, log=lines.append)
+    assert sink.finished() == set()
+    assert lines == [f"{output}/shards/0000-000001.tar is damaged: its items are generated again; remove it"]
+    for item, image in _items():
+        sink.add(item, image)
+    sink.close()
+    assert sorted(p.name for p in (output / "shards").iterdir()) == ["0000-000001.tar", "0000-000002.tar"]

@@ -107,12 +107,16 @@ def read_shard(location: str, format: str) -> list[tuple[str, dict[str, Any]]] |
         if format == "webdataset":
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")]
-                return [(m.name[: -len(".json")], json.loads(tar.extractfile(m).read())) for m in members]
-        import pyarrow.parquet as pq
+                samples = [(m.name[: -len(".json")], json.loads(tar.extractfile(m).read())) for m in members]
+        else:
+            import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(data))
-        paths = [cell["path"] for cell in table.column("image").to_pylist()]
-        rows = table.drop_columns(["image"]).to_pylist()
-        return [(posixpath.splitext(path)[0], row) for path, row in zip(paths, rows, strict=True)]
+            table = pq.read_table(io.BytesIO(data))
+            paths = [cell["path"] for cell in table.column("image").to_pylist()]
+            rows = table.drop_columns(["image"]).to_pylist()
+            samples = [(posixpath.splitext(path)[0], row) for path, row in zip(paths, rows, strict=True)]
+        if all(isinstance(row["key"], str) and isinstance(row["variation_index"], int) for _, row in samples):
+            return samples
     except (tarfile.TarError, EOFError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
-        return None
+        pass
+    return None

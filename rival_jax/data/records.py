@@ -4,7 +4,8 @@ Each process keeps its own records. On a local folder that is `records-<process>
 fsynced per commit (a line cut short by a kill is ignored on reading; one a full disk cut short is
 removed at once). On a URL, where objects cannot be appended to, each commit is one whole object
 `records-<process>-<n>.jsonl`. A record is {"key", "variation_index", "file" (relative to the output;
-None for an item a filter dropped), "sample" (its key inside a shard), "metadata", "adopted"}.
+None for an item a filter dropped), "sample" (its key inside a shard), "metadata" (a dict, {} when a
+record has none), "adopted"}.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def _parse(text: str) -> Iterator[dict[str, Any]]:
             record = json.loads(line)
             if isinstance(record, dict) and isinstance(record["key"], str):
                 record["variation_index"] = int(record["variation_index"])
+                record["metadata"] = record["metadata"] if isinstance(record.get("metadata"), dict) else {}
                 if record.get("file") is None or isinstance(record["file"], str):
                     yield record
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):

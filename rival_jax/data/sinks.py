@@ -186,7 +186,7 @@ class Sink:
                     self._shard, self._next = Shard(self.spec.format, self._location(self._shard_name)), self._next + 1
                 record["file"] = self._shard_name
             stamp = {"key": item.key, "variation_index": item.variation_index, "file": record["file"]}
-            stamp |= {"process": self.process, "metadata": record["metadata"]}
+            stamp |= {"process": self.process} | ({"metadata": record["metadata"]} if self._shard is None else {})
             spec, size = self.spec, parse_size(self.spec.size)
             data = encode(image, spec.image_format, spec.quality, size, item.source_size, stamp)
             if self._shard is None:

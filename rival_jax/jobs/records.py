@@ -43,7 +43,7 @@ def read_records(output: Path) -> list[Record]:
     for record in records:
         if record["file"] is None:
             continue
-        metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+        metadata = record["metadata"]
         exemplar, prompt = Path(str(metadata.get("source", ""))), str(metadata.get("prompt", ""))
         weights = metadata.get("random_weights") if isinstance(metadata.get("random_weights"), bool) else None
         found.append(Record(record["key"], record["variation_index"], record["file"], exemplar, prompt, weights))

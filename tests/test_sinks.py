@@ -375,3 +375,14 @@ def test_a_damaged_shard_is_named_kept_and_its_items_written_again(tmp_path):
         sink.add(item, image)
     sink.close()
     assert sorted(p.name for p in (output / "shards").iterdir()) == ["0000-000001.tar", "0000-000002.tar"]
+
+
+def test_a_url_output_is_checked_but_not_locked(s3_bucket):
+    from rival_jax.jobs.locks import check_output, output_lock
+
+    assert check_output(f"{s3_bucket}/out") == f"{s3_bucket}/out"
+    storage.write_bytes(f"{s3_bucket}/file", b"x")
+    with pytest.raises(RivalError, match="is a file, not a folder: pass a folder URL with -o"):
+        check_output(f"{s3_bucket}/file")
+    with output_lock(f"{s3_bucket}/out", 3) as held, output_lock(f"{s3_bucket}/out", 3):
+        assert held == f"{s3_bucket}/out" and storage.list_files(held) == []

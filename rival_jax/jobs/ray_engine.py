@@ -1,0 +1,292 @@
+"""Augmentation on Ray Data: `RivalVariations`, a callable class for `ray.data.Dataset.map_batches`.
+
+Each actor loads one `RivalPipeline`; a batch of exemplar rows goes in, one row per variation comes
+out. Generation is the local job's (`jobs.row_groups.run_rows`; ids, seeds and keys from
+`data.sources`; metadata from `jobs.augment.metadata`; the CLIP filters of `jobs.filtering`), so every
+image is pixel-identical to a one-process run's.
+
+Without `output` the variations come back in the rows as encoded images (for `write_parquet`,
+`write_webdataset`). With `output` each actor writes through its own sink (`data.sinks.open_sink`, a
+process index of its own from `process_counter`), commits the sink before it returns the batch, and
+drops the items any process finished before generating: a batch Ray retries after its actor died
+makes only what the dead actor had not committed, and a rerun only what is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import posixpath
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+
+from rival_jax.data.encoding import encode, parse_size
+from rival_jax.data.entries import jsonable, make_entry, relative_id
+from rival_jax.data.sinks import Item, OutputSpec, metadata_row, open_sink
+from rival_jax.data.sources import Row, _settings, load_row
+from rival_jax.errors import RivalError
+from rival_jax.jobs.augment import metadata
+from rival_jax.jobs.common import log, one_line
+from rival_jax.jobs.filtering import ClipFilter
+from rival_jax.jobs.options import DEFAULT_BATCH_SIZE
+from rival_jax.jobs.row_groups import Exemplar, run_rows
+from rival_jax.options import RunOptions
+from rival_jax.progress import CompileTimer
+
+COLUMNS = ("image", "name", "key", "variation_index", "source_id", "status", "message", "converted", "metadata")
+IMAGE_COLUMNS = ("image", "png", "jpg", "jpeg", "webp")
+IDENTITY_COLUMNS = ("path", "__key__", "__url__", "cls", "json")
+# Tests: a file at this path is taken (removed) by the first actor to write an item, which then dies.
+FAULT = "RIVAL_JAX_RAY_FAULT"
+
+
+@ray.remote(num_cpus=0)
+class ProcessCounter:
+    """Hands out sink process indices 1, 2, ... (0 is the driver's), one per actor start, restarts included."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def next(self) -> int:
+        self.last += 1
+        return self.last
+
+
+def process_counter() -> Any:
+    """A `ProcessCounter` owned by the caller, for `RivalVariations(output=..., processes=...)`.
+
+    >>> processes = process_counter()
+    """
+    return ProcessCounter.remote()
+
+
+def batch_rows(
+    batch: dict[str, Any], settings: dict[str, Any], root: str | None = None, prompt_column: str | None = None
+) -> tuple[list[Row], list[tuple[str, str]]]:
+    """A Ray batch's exemplars as `data.sources` rows, and (id, problem) for each that cannot be used.
+
+    A batch is a `row` column of pickled `Row`s (the CLI's driver), or exemplar columns: an image
+    (`image`, `png`, `jpg`, `jpeg` or `webp`: decoded pixels, encoded bytes, a {"bytes", "path"} struct,
+    or a path/URL), an identity (an `id` column; else `path` relative to `root`, as `read_images(...,
+    include_paths=True)` gives, labelled by its first folder; else WebDataset's `__url__`/`__key__`, with
+    `cls` and `json`), and any other columns (settings override `settings`; the rest is data).
+
+    >>> rows, problems = batch_rows({"image": pixels, "path": paths}, {"steps": 50}, root="/data/train")
+    """
+    if "row" in batch:
+        return [pickle.loads(data) for data in batch["row"]], []
+    rows, problems = [], []
+    for index in range(len(next(iter(batch.values())))):
+        record = {name: column[index] for name, column in batch.items()}
+        id, origin, label = _identity(record, root, index)
+        try:
+            image = next((record[c] for c in IMAGE_COLUMNS if c in record), None)
+            if image is None:
+                raise RivalError(f"no image column ({', '.join(IMAGE_COLUMNS)}): name the image column image")
+            columns = _columns(record)
+            entry = make_entry(id, origin, label, columns, _image_bytes(image))
+            rows.append(Row(entry, _settings(entry, settings, prompt_column)))
+        except RivalError as error:
+            problems.append((id, str(error)))
+    return rows, problems
+
+
+def _identity(record: dict[str, Any], root: str | None, index: int) -> tuple[str, str, str | None]:
+    """(id, origin, label) of a row: its `path` under `root`, its WebDataset sample, or its place in the batch."""
+    if "path" in record:
+        path = str(record["path"])
+        id = relative_id(path, root) if root else path
+        return id, path, id.split("/")[0] if root and "/" in id else None
+    if "__key__" in record:
+        shard = posixpath.basename(str(record.get("__url__", "")).rstrip("/"))
+        label = record.get("cls")
+        label = label.decode("utf-8", "replace").strip() if isinstance(label, bytes) else label
+        return f"{posixpath.splitext(shard)[0]}/{record['__key__']}", f"{shard}#{record['__key__']}", label
+    return f"row-{index}", f"row {index}", None
+
+
+def _columns(record: dict[str, Any]) -> dict[str, Any]:
+    """A row's data columns, JSON-able: WebDataset's `json` member spread out, images and identities left out."""
+    extra = record.get("json")
+    extra = json.loads(extra) if isinstance(extra, (bytes, str)) else extra
+    columns = dict(extra) if isinstance(extra, dict) else {}
+    for name, value in record.items():
+        if name in IMAGE_COLUMNS or name in IDENTITY_COLUMNS:
+            continue
+        if isinstance(value, np.ndarray):
+            value = value.tolist() if value.ndim <= 1 and value.size <= 256 else None
+        columns[name] = jsonable(value)
+    return {k: v for k, v in columns.items() if v is not None}
+
+
+def _image_bytes(image: Any) -> Any:
+    """What `load_row` reads: encoded bytes as they are, decoded pixels as a PNG, a struct's bytes, or a path."""
+    if isinstance(image, np.ndarray) and image.dtype != object:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+    if isinstance(image, dict):
+        return image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, str)):
+        return bytes(image) if isinstance(image, bytes) else image
+    raise RivalError(f"image cell of type {type(image).__name__} is not pixels, bytes or a path: give one of those")
+
+
+class RivalVariations:
+    """A Ray Data callable class: one loaded pipeline per actor, exemplar rows in, variation rows out.
+
+    Args:
+        model: a diffusers folder, hub id or tiny model, as `--model`.
+        options: the pipeline's run options (`RunOptions`).
+        settings: settings every row starts from (a row's columns override them), as `augment`'s flags.
+        batch_size: variations per compiled batch.
+        spec: how images are encoded (and, with `output`, written): `data.sinks.OutputSpec`.
+        output: a folder or URL every actor writes to through its own sink; None: images in the rows.
+        processes: a `process_counter()`, required with `output`: each actor's sink process index.
+        root: the folder the `path` column is relative to (ids, labels and seeds as a folder source's).
+        prompt_column, clip, keep_best, min_clip_image: as `augment`'s flags.
+        cache_dir, compile_cache: as `augment`'s flags.
+
+    Out: one row per variation, columns `COLUMNS`: the encoded image (None with `output`, or when
+    dropped by a filter), its name (`cat/c_v0003`: the output stem and shard sample key), the row's
+    key, the variation index, the source id, a status (generated, dropped, done: finished before,
+    skipped or failed: the whole row, with a message), whether the exemplar was converted to RGB,
+    and the metadata as JSON text (the fields of `metadata.jsonl`).
+
+    >>> ds = ray.data.read_images("train/", include_paths=True, mode="RGB")
+    >>> out = ds.map_batches(RivalVariations, fn_constructor_kwargs={"model": "tiny", "root": "train",
+    ...     "settings": {"num_variations": 4}}, batch_size=2, compute=ray.data.ActorPoolStrategy(size=2), num_gpus=1)
+    >>> out.write_parquet("variations/")
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        *,
+        options: RunOptions | None = None,
+        settings: dict[str, Any] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        spec: OutputSpec | None = None,
+        output: str | None = None,
+        processes: Any = None,
+        root: str | None = None,
+        prompt_column: str | None = None,
+        clip: str | None = None,
+        keep_best: int | None = None,
+        min_clip_image: float | None = None,
+        cache_dir: str | None = None,
+        compile_cache: bool | str = True,
+    ) -> None:
+        from rival_jax.jobs.common import load_pipeline, prepare_runtime
+        from rival_jax.jobs.options import AugmentOptions
+
+        if output is not None and processes is None:
+            raise RivalError("RivalVariations(output=...) needs processes=process_counter() from the driver")
+        job = AugmentOptions(
+            source=root or ".",
+            model=str(model),
+            output=output or ".",
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            compile_cache=compile_cache,
+            clip=clip,
+            keep_best=keep_best,
+            min_clip_image=min_clip_image,
+        )
+        self.model, self.settings, self.root, self.prompt_column = str(model), settings or {}, root, prompt_column
+        self.batch_size, self.spec, self.output = batch_size, spec or OutputSpec(), output
+        self.process = None if output is None else ray.get(processes.next.remote())
+        prepare_runtime(job)
+        self.pipe = load_pipeline(job, options or RunOptions())
+        self.filter = None
+        if job.filters:
+            from rival_jax.metrics.clip import load_clip
+
+            self.filter = ClipFilter(load_clip(job.scoring_clip, cache_dir or True), keep_best, min_clip_image)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        rows, problems = batch_rows(batch, self.settings, self.root, self.prompt_column)
+        out: dict[str, list] = {name: [] for name in COLUMNS}
+        sink = None
+        if self.output is not None:
+            sink = open_sink(self.output, self.spec, process=self.process, overwrite=False, log=log)
+        done = set() if sink is None else sink.finished()
+        whole_rows = self.filter is not None and self.filter.keep_best is not None
+        converted: set[str] = set()
+
+        def add(row: Row, key: str, index: int, status: str, image: bytes | None = None, described=None, message=""):
+            text = json.dumps(metadata_row(key, index, described), default=str) if described else None
+            values = (image, f"{row.name}_v{index:04d}" if index >= 0 else row.name, key, index, row.id, status)
+            for name, value in zip(COLUMNS, (*values, message, row.id in converted, text), strict=True):
+                out[name].append(value)
+
+        by_id = {row.id: row for row in rows}
+
+        def report(row_id: str, kind: str, message: str) -> None:
+            add(by_id[row_id], "", -1, kind, message=one_line(message))
+
+        def work():
+            for row in rows:
+                try:
+                    image, key, was_converted = load_row(row, model=self.model)
+                    if self.filter is not None:
+                        self.filter.check_row(row.settings["num_variations"])
+                except RivalError as error:
+                    report(row.id, "skipped", str(error))
+                    continue
+                if was_converted:
+                    converted.add(row.id)
+                indices = list(range(row.settings["num_variations"]))
+                for index in indices:
+                    if (key, index) in done:
+                        add(row, key, index, "done")
+                todo = [index for index in indices if (key, index) not in done]
+                if todo:
+                    yield Exemplar(row, image, key), indices if whole_rows else todo
+
+        def save(exemplar: Exemplar, made: list[tuple[int, Image.Image]]) -> None:
+            row, key = exemplar.row, exemplar.key
+            decisions = self.filter.decide(exemplar.image, dict(made)) if self.filter else [None] * len(made)
+            for (index, image), decision in zip(made, decisions, strict=True):
+                if (key, index) in done:
+                    continue  # made again only for --keep-best's ranking
+                kept = decision is None or decision.kept
+                described = metadata(row, self.pipe.random_weights, decision)
+                status = "generated" if kept else "dropped"
+                if sink is None:
+                    stamp = {"key": key, "variation_index": index}
+                    spec, size = self.spec, parse_size(self.spec.size)
+                    data = encode(image, spec.image_format, spec.quality, size, exemplar.image.size, stamp)
+                    data = data if kept else None
+                    add(row, key, index, status, data, described)
+                    continue
+                sink.add(Item(key, index, row.name, described, exemplar.image.size), image if kept else None)
+                add(row, key, index, status, None, described)
+                _fault()
+
+        for id, problem in problems:
+            row = Row(make_entry(id, id, None, {}, b""), {})
+            by_id[id] = row
+            report(id, "skipped", problem)
+        with CompileTimer() as compiling:
+            run_rows(self.pipe, work(), self.batch_size, save, report, whole_rows=whole_rows)
+        if sink is not None:
+            sink.close()
+        out["compile_seconds"] = [compiling.seconds] * len(out["status"])  # the driver takes the longest
+        return out
+
+
+def _fault() -> None:
+    """The test fault (`FAULT`): the actor dies right after an item was committed, as if killed."""
+    path = os.environ.get(FAULT)
+    if path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return
+        os._exit(1)

@@ -64,7 +64,7 @@ def test_a_csv_keeps_label_split_and_caption_as_data_and_prompts_from_a_column(t
         "train/dog/b.png,dog,val,a blue dog,7\n"
         "train/top.png,,val,,\n"
     )
-    listing = list_rows(manifest, {}, model="tiny", prompt_column="caption")
+    listing = list_rows(manifest, {"prompt": "{unknown} is not formatted"}, model="tiny", prompt_column="caption")
     assert [row.id for row in listing.rows] == ["train/cat/a.png", "train/dog/b.png"]
     cat, dog = listing.rows
     assert cat.entry.columns == {"label": "cat", "split": "train", "caption": "a red cat"}
@@ -158,6 +158,10 @@ def test_clashing_ids_and_output_names_are_problem_lines_naming_both(tmp_path, t
     listing = list_rows(manifest, {}, model="tiny")
     assert [row.id for row in listing.rows] == ["two"]
     assert len(listing.problems) == 2 and all("share the id 'one'" in p for p in listing.problems)
+    manifest.write_text(f"image\ntrain/top.png\n./train/../train/top.png\n{train / 'top.png'}\ntrain/dog/b.png\n")
+    listing = list_rows(manifest, {}, model="tiny")  # one file three times: give each row an id to keep them
+    assert [row.id for row in listing.rows] == ["train/dog/b.png"]
+    assert len(listing.problems) == 3 and all("share the id 'train/top.png'" in p for p in listing.problems)
 
 
 def test_bad_rows_are_problem_lines_and_a_bad_source_is_one_error(tmp_path, train):
@@ -314,6 +318,10 @@ def test_a_relative_source_gives_absolute_locations_and_a_missing_extra_names_it
     monkeypatch.chdir(tmp_path)
     row = list_rows("train", {}, model="tiny").rows[0]
     assert Path(row.entry.image).is_absolute() and row.id == "cat/a.png"
+    (tmp_path / "link").symlink_to(train / "cat")
+    (train / "m.csv").write_text("image\ncat/a.png\n")
+    (row,) = list_rows("link/../m.csv", {}, model="tiny").rows  # ".." after a link: as open() sees it
+    assert Path(row.entry.image) == train / "cat" / "a.png"
     with pytest.raises(RivalError, match=r'pip install -e "\.\[cloud\]"'):
         list_rows("nosuchprotocol://bucket/train", {}, model="tiny")
     (tmp_path / "ds").mkdir()

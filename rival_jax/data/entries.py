@@ -86,11 +86,11 @@ def _part(text: str) -> str:
 
 
 def relative_id(location: str, root: str) -> str:
-    """`location` relative to the folder `root` (posix) when it lies under it, else as given (minus "./")."""
+    """`location` relative to the folder `root` when it lies under it, else as given; posix, normalized."""
     location = location.replace("\\", "/")
     root = root.replace("\\", "/").rstrip("/") + "/"
     if location.startswith(root):
-        return location[len(root) :]
+        location = location[len(root) :]
     return posixpath.normpath(location) if "://" not in location else location
 
 

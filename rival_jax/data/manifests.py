@@ -89,6 +89,7 @@ def _manifest_entry(base: str, image: str, values: dict[str, Any]) -> Entry:
         elif paths not in (None, ""):
             columns[name] = _joined(base, paths)
     location = storage.join(base, image)
+    location = location if storage.is_url(location) else os.path.normpath(location)
     return make_entry(relative_id(location, base), location, None, columns, location)
 
 

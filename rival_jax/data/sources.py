@@ -183,16 +183,18 @@ def _settings(entry: Entry, defaults: dict[str, Any], prompt_column: str | None)
         for k, v in entry.columns.items()
         if k in ROW_FIELDS and v not in (None, "")
     }
-    fields = {**entry.columns, "label": entry.label}
-    for name in TEMPLATES:
-        text = values.get(name, defaults.get(name))
-        if isinstance(text, str) and ("{" in text or "}" in text):
-            values[name] = _formatted(name, text, fields)
+    if isinstance(values.get("control_image"), str):  # one map per ControlNet
+        values["control_image"] = [values["control_image"]]
     if prompt_column is not None:
         prompt = entry.columns.get(prompt_column)
         if not isinstance(prompt, str) or not prompt.strip():
             raise RivalError(f"its {prompt_column} column (the prompt) is missing or empty: give every row one")
         values["prompt"] = prompt
+    fields = {**entry.columns, "label": entry.label}
+    for name in TEMPLATES if prompt_column is None else TEMPLATES[1:]:
+        text = values.get(name, defaults.get(name))
+        if isinstance(text, str) and ("{" in text or "}" in text):
+            values[name] = _formatted(name, text, fields)
     base = defaults.get("seed", 0)
     if isinstance(base, int) and not isinstance(base, bool):  # merge_settings names any other
         values.setdefault("seed", derive_seed(base, entry.id))
@@ -205,7 +207,7 @@ def _formatted(name: str, template: str, fields: dict[str, Any]) -> str:
     except KeyError as error:
         known = ", ".join(sorted(fields))
         raise RivalError(f"{name} template {template!r} names {{{error.args[0]}}}, not a column: use {known}") from None
-    except (ValueError, IndexError, AttributeError) as error:
+    except (ValueError, IndexError, AttributeError, TypeError) as error:
         raise RivalError(
             f"{name} template {template!r} is not a template ({error}): write braces as {{{{ }}}}"
         ) from None
@@ -233,13 +235,13 @@ def _entries(source: str, defaults: dict[str, Any], split: str | None) -> Iterab
     if tars.is_pattern(source) and not (local and os.path.exists(source)):
         root, files = os.path.dirname(re.split(r"[{*?\[]", source)[0]), tars.expand(source)
         if local:  # absolute, so that rows shipped to other processes find their files whatever their folder
-            root, files = os.path.abspath(root), [os.path.abspath(f) for f in files]
+            root, files = os.path.realpath(root), [os.path.realpath(f) for f in files]
         return _files_entries(source, files, root)
     if local and not os.path.exists(source):
         if split is not None and tables.is_hub_id(source):
             return tables.dataset_entries(source, split)
         raise RivalError(f"source {source} does not exist: check the path (a hub dataset id needs --split)")
-    source = os.path.abspath(source) if local else source
+    source = os.path.realpath(source) if local else source  # ".." after a link: as open() sees it
     if _is_folder(source):
         if tables.is_saved_dataset(source):
             return tables.dataset_entries(source, split)

@@ -69,7 +69,7 @@ def encode(
     if image_format == "png":
         info = PngInfo()
         info.add_text(PNG_TEXT_KEY, text)
-        image.save(buffer, format="PNG", pnginfo=info)
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=1)  # ~4x faster than 6, files ~15% larger
     else:
         exif = Image.Exif()
         exif[_DESCRIPTION] = text

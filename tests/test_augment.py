@@ -225,8 +225,8 @@ def test_manifest_rows_carry_their_control_maps(tmp_path, tiny_flax, tiny_contro
         "id,image,control_image,control_scale\np,p.png,p-edges.png,0.5\nq,q.png,canny,\nq-bad,q.png,missing-edges.png,\n"
     )
     rows, problems = _rows(tmp_path / "m.csv", {"steps": 2, "num_variations": 1})
-    assert problems == [] and rows[0].settings["control_image"] == str(tmp_path / "p-edges.png")
-    assert rows[0].settings["control_scale"] == 0.5 and rows[1].settings["control_image"] == "canny"
+    assert problems == [] and rows[0].settings["control_image"] == [str(tmp_path / "p-edges.png")]
+    assert rows[0].settings["control_scale"] == 0.5 and rows[1].settings["control_image"] == ["canny"]
     pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, controlnet=tiny_controlnet)
     output = tmp_path / "out"
     summary = run_augment(pipe, rows, output, batch_size=1, show_progress=False, model="tiny")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rival_jax.data.sinks import Item, OutputSpec, open_sink
-from rival_jax.data.sources import list_rows, load_row
 
+from rival_jax.data.encoding import IMAGE_FORMATS
+from rival_jax.data.sinks import FORMATS, Item, OutputSpec, open_sink
+from rival_jax.data.sources import list_rows, load_row
 from rival_jax.jobs.augment import metadata
-from rival_jax.jobs.options import IMAGE_FORMATS, OUTPUT_FORMATS
 from rival_jax.jobs.settings import generation_arguments
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     print(f"reading + hashing exemplars:                      {_ms(read, images)} ms/image")
     print(f"CLIP filter scoring (tiny CLIP):                  {_ms(scoring, images)} ms/image")
     print(f"format     | {args.image_format} encode + write + records + metadata | finished() on rerun | job total")
-    for output_format in OUTPUT_FORMATS:
+    for output_format in FORMATS:
         output = work / f"out-{output_format}"
         spec = OutputSpec(output_format, args.image_format, shard_size=max(1, images // 2))
         started = time.perf_counter()

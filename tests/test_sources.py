@@ -318,6 +318,10 @@ def test_a_relative_source_gives_absolute_locations_and_a_missing_extra_names_it
     monkeypatch.chdir(tmp_path)
     row = list_rows("train", {}, model="tiny").rows[0]
     assert Path(row.entry.image).is_absolute() and row.id == "cat/a.png"
+    (tmp_path / "link").symlink_to(train / "cat")
+    (train / "m.csv").write_text("image\ncat/a.png\n")
+    (row,) = list_rows("link/../m.csv", {}, model="tiny").rows  # ".." after a link: as open() sees it
+    assert Path(row.entry.image) == train / "cat" / "a.png"
     with pytest.raises(RivalError, match=r'pip install -e "\.\[cloud\]"'):
         list_rows("nosuchprotocol://bucket/train", {}, model="tiny")
     (tmp_path / "ds").mkdir()

@@ -235,13 +235,13 @@ def _entries(source: str, defaults: dict[str, Any], split: str | None) -> Iterab
     if tars.is_pattern(source) and not (local and os.path.exists(source)):
         root, files = os.path.dirname(re.split(r"[{*?\[]", source)[0]), tars.expand(source)
         if local:  # absolute, so that rows shipped to other processes find their files whatever their folder
-            root, files = os.path.abspath(root), [os.path.abspath(f) for f in files]
+            root, files = os.path.realpath(root), [os.path.realpath(f) for f in files]
         return _files_entries(source, files, root)
     if local and not os.path.exists(source):
         if split is not None and tables.is_hub_id(source):
             return tables.dataset_entries(source, split)
         raise RivalError(f"source {source} does not exist: check the path (a hub dataset id needs --split)")
-    source = os.path.abspath(source) if local else source
+    source = os.path.realpath(source) if local else source  # ".." after a link: as open() sees it
     if _is_folder(source):
         if tables.is_saved_dataset(source):
             return tables.dataset_entries(source, split)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rival_jax.data import storage
-from rival_jax.data.entries import Entry, jsonable, make_entry, relative_id
+from rival_jax.data.entries import Entry, Skipped, jsonable, make_entry, relative_id
 from rival_jax.errors import RivalError
 
 PATH_COLUMNS = ("file_name", "image_path")
@@ -62,14 +62,15 @@ def cell_bytes(cell: Cell | DatasetRow) -> bytes:
     return bytes(value)
 
 
-def parquet_entries(files: list[str], root: str) -> Iterator[Entry]:
+def parquet_entries(files: list[str], root: str) -> Iterator[Entry | Skipped]:
     """Every row of the Parquet `files` (paths or URLs); ids relative to the folder `root`."""
     tables = []
     for file in files:
         schema = _parquet(file).schema_arrow
         image, kind = _image_column(file, schema)
         others = [n for n in schema.names if n != image]
-        read = others + ([f"{image}.path"] if kind == "struct" else [image] if kind == "path" else [])
+        paths_in = kind == "path" or (kind == "struct" and schema.field(image).type.get_field_index("path") >= 0)
+        read = others + ([image if kind == "path" else f"{image}.path"] if paths_in else [])
         table = _parquet(file).read(columns=read).to_pylist()
         paths = [_path_of(row.pop(image, None), file, kind) for row in table]
         tables.append((file, image, kind, table, paths, _class_names(schema.metadata)))
@@ -80,6 +81,9 @@ def parquet_entries(files: list[str], root: str) -> Iterator[Entry]:
         for number, (row, path) in enumerate(zip(table, paths, strict=True)):
             columns = jsonable(row)
             id = relative_id(path, root) if use_paths else f"{where}#{number}"
+            if kind == "path" and path is None:
+                yield Skipped(id, f"its {image} cell is empty: give every row an image path")
+                continue
             locator = path if kind == "path" else Cell(file, number, image)
             yield make_entry(id, f"{file}#{number}", _label(columns.get("label"), names), columns, locator)
 

@@ -18,7 +18,6 @@ With `overwrite` a job starts over: what this process's records list is removed 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -31,7 +30,6 @@ from tqdm.auto import tqdm
 
 from rival_jax.data.sinks import Item, OutputSpec, open_sink
 from rival_jax.data.sources import Row, list_rows, load_row
-from rival_jax.data.storage import is_url
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import Interrupted, check_control, load_pipeline, log, one_line, prepare_runtime
 from rival_jax.jobs.common import show_progress as progress_wanted
@@ -187,6 +185,7 @@ def run_augment(
                 yield Exemplar(row, image, key), indices if whole_rows else todo
 
     def save(exemplar: Exemplar, made: list[tuple[int, Image.Image]]) -> None:
+        """A row's variations (all of them when filtering: CLIP scores a row at once), kept or dropped."""
         row, images = exemplar.row, dict(made)
         decisions = clip_filter.decide(exemplar.image, images) if clip_filter else [None] * len(made)
         for (index, image), decision in zip(made, decisions, strict=True):
@@ -202,7 +201,7 @@ def run_augment(
     started = time.perf_counter()
     try:
         with CompileTimer() as compiling, bar:
-            run_rows(pipe, work(), batch_size, save, report, whole_rows=whole_rows)
+            run_rows(pipe, work(), batch_size, save, report, whole_rows=clip_filter is not None)
     except KeyboardInterrupt:
         sink.close()
         finished = summary.generated + summary.already_done
@@ -248,16 +247,14 @@ def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> in
     if job.filters:
         check_clip_name(job.scoring_clip)
         ClipFilter(None, job.keep_best).check_row(defaults["num_variations"])
-    local = not is_url(job.output)
-    output = check_output(job.output) if local else job.output
+    output = check_output(job.output)
     listing = list_rows(job.source, row, model=str(job.model), split=job.split, prompt_column=job.prompt_column)
     if listing.extra_columns:
         log(f"columns carried into the metadata (not settings): {', '.join(listing.extra_columns)}")
     process_index, process_count = job_position(job)
     if process_count > 1:
         log(f"process {process_index} of {process_count}")
-    spec = OutputSpec(job.output_format, job.image_format, job.quality, job.output_size, job.shard_size)
-    with output_lock(output, process_index) if local else contextlib.nullcontext():
+    with output_lock(output, process_index):
         prepare_runtime(job)
         pipe = load_pipeline(job, options)
         summary = run_augment(
@@ -270,7 +267,7 @@ def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> in
             problems=listing.problems,
             show_progress=progress_wanted(job),
             overwrite=job.overwrite,
-            spec=spec,
+            spec=job.output_spec,
             model=str(job.model),
             clip_filter=_clip_filter(job),
         )

@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any, ClassVar
 
+from rival_jax.data.encoding import IMAGE_FORMATS
+from rival_jax.data.sinks import FORMATS, OutputSpec
 from rival_jax.errors import RivalError
 from rival_jax.models.families import FAMILIES
 from rival_jax.options import option
@@ -26,10 +28,7 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_SWEEP = (400, 600, 800)
 KID_FEATURES = ("inception", "clip")
 MANIFEST_HELP = "image folder (ImageFolder), .csv/.jsonl manifest, .parquet, WebDataset .tar, datasets folder; or URL"
-OUTPUT_FORMATS = ("files", "webdataset", "parquet")
-IMAGE_FORMATS = ("png", "jpeg", "webp")
 SHARD_PATTERN = re.compile(r"^(\d+)/(\d+)$")
-OUTPUT_SIZE_PATTERN = re.compile(r"^(model|source|[1-9]\d*x[1-9]\d*)$")
 
 
 def _accepted(hint: Any) -> tuple[Any, ...]:
@@ -137,7 +136,7 @@ class AugmentOptions(BatchedOptions):
     HELP: ClassVar[str] = "resumable variation job over a dataset: folders, manifests, Parquet, WebDataset"
     split: str | None = option(None, "split of a datasets folder or hub dataset (default: train)", kind="a split name")
     prompt_column: str | None = option(None, "column of each row's prompt (e.g. caption)", kind="a column name")
-    output_format: str = option("files", "files, webdataset or parquet (default: files)", OUTPUT_FORMATS, kind="text")
+    output_format: str = option("files", "files, webdataset or parquet (default: files)", FORMATS, kind="text")
     image_format: str = option("png", "png, jpeg or webp (default: png)", IMAGE_FORMATS, kind="an image format")
     quality: int = option(95, "jpeg/webp quality, 1-100 (default: 95)", kind="an integer")
     output_size: str = option(
@@ -175,14 +174,7 @@ class AugmentOptions(BatchedOptions):
                 "--shard splits a job without jax.distributed: drop --coordinator/--distributed, or drop --shard"
             )
         self.shard_position  # noqa: B018 - validates --shard
-        if not 1 <= self.quality <= 100:
-            raise RivalError(f"--quality {self.quality} is out of range: use an integer in 1..100")
-        if not OUTPUT_SIZE_PATTERN.match(self.output_size):
-            raise RivalError(
-                f"--output-size {self.output_size!r} is not a size: use model, source or WxH (e.g. 512x512)"
-            )
-        if self.shard_size < 1:
-            raise RivalError(f"--shard-size {self.shard_size} is out of range: use an integer >= 1")
+        self.output_spec  # noqa: B018 - validates the output options
         if self.keep_best is not None and self.keep_best < 1:
             raise RivalError(f"--keep-best {self.keep_best} is out of range: use an integer >= 1 (at most -n)")
         if self.min_clip_image is not None and not -1.0 <= self.min_clip_image <= 1.0:
@@ -202,6 +194,11 @@ class AugmentOptions(BatchedOptions):
         if not match or not int(match[1]) < int(match[2]):
             raise RivalError(f"--shard {self.shard!r} is not a share: use I/N with 0 <= I < N (e.g. 0/4)")
         return int(match[1]), int(match[2])
+
+    @property
+    def output_spec(self) -> OutputSpec:
+        """How the sink writes (`data.sinks.OutputSpec`), validated."""
+        return OutputSpec(self.output_format, self.image_format, self.quality, self.output_size, self.shard_size)
 
     @property
     def filters(self) -> bool:

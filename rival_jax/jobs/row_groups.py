@@ -5,7 +5,7 @@ prompt empty or not) and method settings, are gathered `RunOptions.exemplar_batc
 (default: one per local device) and run through `RivalPipeline.invert_many` / `generate_many`; other
 rows (ControlNet maps, or an exemplar batch of 1) run one at a time. Every image is still variation i of its row's
 seed, whatever it was batched with. If a batch fails, its rows are retried one at a time, so only a
-bad row is reported as failed. With `whole_rows` (the job's `--keep-best` filter) a row's images are
+bad row is reported as failed. With `whole_rows` (the job's CLIP filters) a row's images are
 held until all of its variations are made and saved together.
 """
 

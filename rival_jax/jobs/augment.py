@@ -18,7 +18,6 @@ With `overwrite` a job starts over: what this process's records list is removed 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -33,65 +32,15 @@ from rival_jax.data.sources import Row, list_rows, load_row
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import Interrupted, check_control, load_pipeline, log, one_line, prepare_runtime
 from rival_jax.jobs.common import show_progress as progress_wanted
-from rival_jax.jobs.filtering import ClipFilter, Decision
+from rival_jax.jobs.filtering import ClipFilter
 from rival_jax.jobs.hosts import job_position, process_share
 from rival_jax.jobs.locks import check_output, output_lock
 from rival_jax.jobs.options import DEFAULT_BATCH_SIZE, AugmentOptions
+from rival_jax.jobs.outcomes import Summary, metadata
 from rival_jax.jobs.row_groups import Exemplar, run_rows
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
-
-
-@dataclasses.dataclass
-class Summary:
-    generated: int = 0
-    already_done: int = 0
-    skipped_rows: int = 0
-    failed_rows: int = 0
-    dropped: int = 0
-    converted: int = 0
-    seconds: float = 0.0
-    compile_seconds: float = 0.0
-    problems: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        """Generation rate (dropped images included: the model made them), compile time excluded."""
-        running = self.seconds - self.compile_seconds
-        return self.generated / running if running > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every row was done, 1 when any row was skipped or failed."""
-        return 1 if self.skipped_rows or self.failed_rows else 0
-
-    def line(self) -> str:
-        dropped = f" ({self.dropped} dropped by the CLIP filters)" if self.dropped else ""
-        return (
-            f"done: {self.generated} generated{dropped} ({self.images_per_second:.2f} img/s, compile "
-            f"{self.compile_seconds:.1f} s excluded), {self.already_done} already done; "
-            f"rows skipped: {self.skipped_rows}, rows failed: {self.failed_rows}"
-        )
-
-
-def metadata(row: Row, random_weights: bool, decision: Decision | None = None) -> dict[str, Any]:
-    """What a variation's record and metadata say: the row's columns, then its label, identity, seed,
-    prompt and settings, and the filters' CLIP score and verdict when they ran."""
-    settings = {k: v for k, v in row.settings.items() if k != "config"}
-    described = {
-        **row.entry.columns,
-        "label": row.label,
-        "source_id": row.id,
-        "source": row.entry.origin,
-        "seed": settings["seed"],
-        "prompt": settings["prompt"],
-        "settings": settings,
-        "random_weights": random_weights,
-    }
-    if decision is not None:
-        described |= {"clip_image": decision.score, "dropped": not decision.kept}
-    return described
 
 
 def _shares(rows: list[Row], index: int, count: int, whole_rows: bool) -> list[tuple[Row, list[int]]]:
@@ -255,22 +204,27 @@ def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> in
     if process_count > 1:
         log(f"process {process_index} of {process_count}")
     with output_lock(output, process_index):
-        prepare_runtime(job)
-        pipe = load_pipeline(job, options)
-        summary = run_augment(
-            pipe,
-            listing.rows,
-            output,
-            batch_size=job.batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            problems=listing.problems,
-            show_progress=progress_wanted(job),
-            overwrite=job.overwrite,
-            spec=job.output_spec,
-            model=str(job.model),
-            clip_filter=_clip_filter(job),
-        )
+        if job.engine == "ray":  # Ray Data actors load the model; this process hands out the rows
+            from rival_jax.jobs.ray_job import run_ray
+
+            summary = run_ray(job, options, listing, output)
+        else:
+            prepare_runtime(job)
+            pipe = load_pipeline(job, options)
+            summary = run_augment(
+                pipe,
+                listing.rows,
+                output,
+                batch_size=job.batch_size,
+                process_index=process_index,
+                process_count=process_count,
+                problems=listing.problems,
+                show_progress=progress_wanted(job),
+                overwrite=job.overwrite,
+                spec=job.output_spec,
+                model=str(job.model),
+                clip_filter=_clip_filter(job),
+            )
     log(summary.line())
     print(output)
     return summary.exit_code

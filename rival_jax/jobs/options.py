@@ -29,6 +29,7 @@ DEFAULT_SWEEP = (400, 600, 800)
 KID_FEATURES = ("inception", "clip")
 MANIFEST_HELP = "image folder (ImageFolder), .csv/.jsonl manifest, .parquet, WebDataset .tar, datasets folder; or URL"
 SHARD_PATTERN = re.compile(r"^(\d+)/(\d+)$")
+ENGINES = ("local", "ray")
 
 
 def _accepted(hint: Any) -> tuple[Any, ...]:
@@ -157,6 +158,9 @@ class AugmentOptions(BatchedOptions):
     num_processes: int | None = option(None, "number of processes (multi-host runs)", type=int, kind="an integer")
     process_id: int | None = option(None, "this process's index (multi-host runs)", type=int, kind="an integer")
     distributed: bool = option(False, "jax.distributed with auto-detected cluster", kind="a boolean")
+    engine: str = option("local", "local (this process) or ray (Ray Data actors)", ENGINES, kind="local or ray")
+    address: str | None = option(None, "Ray cluster: host:port, ray://host:port or auto", kind="a Ray address")
+    workers: int | None = option(None, "Ray actors (default: one per GPU, TPU host, node)", type=int, kind="an integer")
 
     def __post_init__(self) -> None:
         if isinstance(self.min_clip_image, int) and not isinstance(self.min_clip_image, bool):
@@ -174,6 +178,12 @@ class AugmentOptions(BatchedOptions):
                 "--shard splits a job without jax.distributed: drop --coordinator/--distributed, or drop --shard"
             )
         self.shard_position  # noqa: B018 - validates --shard
+        if self.engine == "local" and (self.address is not None or self.workers is not None):
+            raise RivalError("--address and --workers are for the Ray engine: add --engine ray, or drop them")
+        if self.engine == "ray" and (self.shard is not None or self.multi_host):
+            raise RivalError("--engine ray hands out the work itself: drop --shard/--coordinator/--distributed")
+        if self.workers is not None and self.workers < 1:
+            raise RivalError(f"--workers {self.workers} is out of range: use an integer >= 1")
         self.output_spec  # noqa: B018 - validates the output options
         if self.keep_best is not None and self.keep_best < 1:
             raise RivalError(f"--keep-best {self.keep_best} is out of range: use an integer >= 1 (at most -n)")

@@ -2,7 +2,7 @@
 
 Each actor loads one `RivalPipeline`; a batch of exemplar rows goes in, one row per variation comes
 out. Generation is the local job's (`jobs.row_groups.run_rows`; ids, seeds and keys from
-`data.sources`; metadata from `jobs.augment.metadata`; the CLIP filters of `jobs.filtering`), so every
+`data.sources`; metadata from `jobs.outcomes.metadata`; the CLIP filters of `jobs.filtering`), so every
 image is pixel-identical to a one-process run's.
 
 Without `output` the variations come back in the rows as encoded images (for `write_parquet`,
@@ -30,10 +30,10 @@ from rival_jax.data.entries import jsonable, make_entry, relative_id
 from rival_jax.data.sinks import Item, OutputSpec, metadata_row, open_sink
 from rival_jax.data.sources import Row, _settings, load_row
 from rival_jax.errors import RivalError
-from rival_jax.jobs.augment import metadata
 from rival_jax.jobs.common import log, one_line
 from rival_jax.jobs.filtering import ClipFilter
 from rival_jax.jobs.options import DEFAULT_BATCH_SIZE
+from rival_jax.jobs.outcomes import metadata
 from rival_jax.jobs.row_groups import Exemplar, run_rows
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer

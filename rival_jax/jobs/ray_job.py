@@ -28,8 +28,8 @@ from rival_jax.data import storage
 from rival_jax.data.sinks import OutputSpec, open_sink
 from rival_jax.data.sources import Listing, load_row
 from rival_jax.errors import RivalError
-from rival_jax.jobs.augment import Summary
 from rival_jax.jobs.common import log, show_progress
+from rival_jax.jobs.outcomes import Summary
 from rival_jax.jobs.ray_engine import RivalVariations, process_counter
 from rival_jax.options import RunOptions
 
@@ -45,6 +45,8 @@ def connect(address: str | None) -> bool:
     True
     """
     match = ADDRESS.match(address or "")
+    if address not in (None, "auto") and not match:
+        raise RivalError(f"--address {address!r} is not a Ray address: use host:port, ray://host:port or auto")
     if match:
         try:
             socket.create_connection((match["host"].strip("[]"), int(match["port"])), timeout=5).close()
@@ -119,7 +121,7 @@ def run_ray(job: Any, options: RunOptions, listing: Listing, output: str, log: C
 
 def _run(job: Any, options: RunOptions, listing: Listing, output: str, log: Callable[[str], None]) -> Summary:
     ray.data.DataContext.get_current().enable_progress_bars = False
-    spec = OutputSpec(job.output_format, job.image_format, job.quality, job.output_size, job.shard_size)
+    spec = job.output_spec
     if job.overwrite:
         start_over(output, spec, log)
     summary = Summary(skipped_rows=len(listing.problems), problems=list(listing.problems))

@@ -1,0 +1,106 @@
+"""Images per second of an augment job on the tiny model: the local engine, and Ray Data at 1 and 2 workers.
+
+Every engine writes PNG files through the job's sinks. The local figure is a warm run (programs
+compiled) of `jobs.augment.run_augment`. The Ray figures are `RivalVariations` actors fed as
+`augment --engine ray` feeds them (pickled rows, `4 x batch size` images per Ray batch): the
+steady rate is timed from the first batch's results to the last (actor start, model load and
+compilation excluded, reported apart as "start"); Ray's per-item overhead is the time per image
+at one worker minus the local engine's. A local Ray of `--cpus` CPUs is started here.
+
+    python scripts/ray_benchmark.py --rows 24 --cpus 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rival_jax.data.sinks import OutputSpec
+from rival_jax.data.sources import list_rows
+from rival_jax.jobs.augment import run_augment
+from rival_jax.models.random_models import write_tiny_checkpoint
+
+SETTINGS = {"steps": 2, "num_variations": 2}
+BATCH = 2
+
+
+def exemplars(folder: Path, rows: int, side: int) -> Path:
+    for index in range(rows):
+        pixels = np.random.default_rng(index).integers(0, 255, (side, side, 3), dtype=np.uint8)
+        (folder / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"class{index % 2}" / f"{index:04d}.png")
+    return folder
+
+
+def local_rate(model: Path, source: Path, work: Path, cache: str) -> float:
+    from rival_jax.pipeline import RivalPipeline
+    from rival_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache(cache)
+    pipe = RivalPipeline.from_pretrained(model, cache_dir=None)
+    rows = list_rows(str(source), SETTINGS, model=str(model)).rows
+    run_augment(pipe, rows[:2], work / "warm", batch_size=BATCH, show_progress=False, model=str(model))
+    started = time.perf_counter()
+    summary = run_augment(pipe, rows, work / "local", batch_size=BATCH, show_progress=False, model=str(model))
+    return summary.generated / (time.perf_counter() - started)
+
+
+def ray_rate(model: Path, source: Path, output: Path, workers: int, cache: str) -> tuple[float, float]:
+    """(steady images per second, seconds to the first batch's results) of `workers` actors."""
+    import ray
+
+    from rival_jax.jobs.ray_engine import RivalVariations, process_counter
+
+    rows = list_rows(str(source), SETTINGS, model=str(model)).rows
+    kwargs = {"model": str(model), "batch_size": BATCH, "spec": OutputSpec(), "output": str(output)}
+    kwargs |= {"processes": process_counter(), "compile_cache": cache}
+    data = ray.data.from_items([{"row": pickle.dumps(row)} for row in rows])
+    out = data.map_batches(
+        RivalVariations,
+        fn_constructor_kwargs=kwargs,
+        batch_size=4 * BATCH // SETTINGS["num_variations"],
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+    )
+    started, arrivals = time.perf_counter(), []
+    for batch in out.iter_batches(batch_size=None):
+        arrivals.append((time.perf_counter(), int((np.asarray(batch["status"]) == "generated").sum())))
+    first, last = arrivals[0][0], arrivals[-1][0]
+    steady = sum(count for _, count in arrivals[1:])
+    return steady / (last - first), first - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=24, help="exemplars (2 variations each)")
+    parser.add_argument("--side", type=int, default=64, help="exemplar side in pixels")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    args = parser.parse_args()
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="ray-benchmark-"))
+    cache = str(work / "xla")
+    model = write_tiny_checkpoint(work / "tiny", seed=0)
+    source = exemplars(work / "train", args.rows, args.side)
+    local = local_rate(model, source, work, cache)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = {workers: ray_rate(model, source, work / f"ray{workers}", workers, cache) for workers in (1, 2)}
+    ray.shutdown()
+    images = args.rows * SETTINGS["num_variations"]
+    print(f"tiny model, {images} images of {args.side}x{args.side}, {SETTINGS['steps']} steps, batch {BATCH}")
+    print(f"local engine: {local:.2f} img/s")
+    for workers, (rate, start) in results.items():
+        print(f"ray, {workers} worker{'s' * (workers > 1)}: {rate:.2f} img/s steady (start {start:.1f} s)")
+    overhead = 1000 * (1 / results[1][0] - 1 / local)
+    print(f"ray per-item overhead at 1 worker: {overhead:.1f} ms per image")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,14 @@
 """Images per second of an augment job on the tiny model: the local engine, and Ray Data at 1 and 2 workers.
 
-Every engine writes PNG files through the job's sinks. The local figure is a warm run (programs
-compiled) of `jobs.augment.run_augment`. The Ray figures are `RivalVariations` actors fed as
-`augment --engine ray` feeds them (pickled rows, `4 x batch size` images per Ray batch): the
-steady rate is timed from the first batch's results to the last (actor start, model load and
-compilation excluded, reported apart as "start"); Ray's per-item overhead is the time per image
-at one worker minus the local engine's. A local Ray of `--cpus` CPUs is started here.
+Every engine writes PNG files through the job's sinks. The local figure is the mean of two warm
+runs (programs compiled) of `jobs.augment.run_augment`, one before and one after Ray's. The Ray
+figures are `RivalVariations` actors fed as `augment --engine ray` feeds them (pickled rows,
+`4 x batch size` images per Ray batch): the steady rate is timed from the first batch's results
+to the last (actor start, model load and compilation excluded, reported apart as "start"); Ray's
+per-item overhead is the time per image at one worker minus the local engine's. A local Ray of
+`--cpus` CPUs is started here.
 
-    python scripts/ray_benchmark.py --rows 24 --cpus 2
+    python scripts/ray_benchmark.py --rows 32 --cpus 2
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pickle
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,16 +40,11 @@ def exemplars(folder: Path, rows: int, side: int) -> Path:
     return folder
 
 
-def local_rate(model: Path, source: Path, work: Path, cache: str) -> float:
-    from rival_jax.pipeline import RivalPipeline
-    from rival_jax.runtime import enable_compilation_cache
-
-    enable_compilation_cache(cache)
-    pipe = RivalPipeline.from_pretrained(model, cache_dir=None)
+def local_rate(pipe: Any, model: Path, source: Path, output: Path) -> float:
+    """Images per second of a warm `run_augment` over every row into a new `output`."""
     rows = list_rows(str(source), SETTINGS, model=str(model)).rows
-    run_augment(pipe, rows[:2], work / "warm", batch_size=BATCH, show_progress=False, model=str(model))
     started = time.perf_counter()
-    summary = run_augment(pipe, rows, work / "local", batch_size=BATCH, show_progress=False, model=str(model))
+    summary = run_augment(pipe, rows, output, batch_size=BATCH, show_progress=False, model=str(model))
     return summary.generated / (time.perf_counter() - started)
 
 
@@ -78,7 +75,7 @@ def ray_rate(model: Path, source: Path, output: Path, workers: int, cache: str) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=24, help="exemplars (2 variations each)")
+    parser.add_argument("--rows", type=int, default=32, help="exemplars (2 variations each)")
     parser.add_argument("--side", type=int, default=64, help="exemplar side in pixels")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     args = parser.parse_args()
@@ -88,14 +85,21 @@ def main() -> None:
     cache = str(work / "xla")
     model = write_tiny_checkpoint(work / "tiny", seed=0)
     source = exemplars(work / "train", args.rows, args.side)
-    local = local_rate(model, source, work, cache)
+    from rival_jax.pipeline import RivalPipeline
+    from rival_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache(cache)
+    pipe = RivalPipeline.from_pretrained(model, cache_dir=None)
+    local_rate(pipe, model, exemplars(work / "warm", 2, args.side), work / "warm-out")  # compiles
+    before = local_rate(pipe, model, source, work / "local-before")
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     results = {workers: ray_rate(model, source, work / f"ray{workers}", workers, cache) for workers in (1, 2)}
     ray.shutdown()
+    local = (before + local_rate(pipe, model, source, work / "local-after")) / 2  # the machine's load drifts
     images = args.rows * SETTINGS["num_variations"]
     print(f"tiny model, {images} images of {args.side}x{args.side}, {SETTINGS['steps']} steps, batch {BATCH}")
-    print(f"local engine: {local:.2f} img/s")
+    print(f"local engine: {local:.2f} img/s (mean of a run before and one after Ray's)")
     for workers, (rate, start) in results.items():
         print(f"ray, {workers} worker{'s' * (workers > 1)}: {rate:.2f} img/s steady (start {start:.1f} s)")
     overhead = 1000 * (1 / results[1][0] - 1 / local)

@@ -13,6 +13,7 @@ died is not written twice. The driver counts the actors' rows into the job's sum
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import socket
@@ -154,20 +155,27 @@ def _run(job: Any, options: RunOptions, listing: Listing, output: str, log: Call
 
 
 def _constructor_kwargs(job: Any, options: RunOptions, spec: OutputSpec, output: str) -> dict[str, Any]:
-    """`RivalVariations`' arguments for the job's actors: the job's model, settings of the run and filters."""
+    """`RivalVariations`' arguments for the job's actors: the job's model, run options, output and filters; local
+    paths made absolute (a worker's working folder is not the driver's)."""
+    compile_cache = job.compile_cache if isinstance(job.compile_cache, bool) else _here(job.compile_cache)
     return {
-        "model": str(job.model),
+        "model": _here(str(job.model)) if os.path.exists(str(job.model)) else str(job.model),
         "options": options,
         "batch_size": job.batch_size,
         "spec": spec,
-        "output": output,
+        "output": output if storage.is_url(output) else _here(output),
         "processes": process_counter(),
         "clip": job.clip,
         "keep_best": job.keep_best,
         "min_clip_image": job.min_clip_image,
-        "cache_dir": job.cache_dir,
-        "compile_cache": job.compile_cache,
+        "cache_dir": job.cache_dir and _here(job.cache_dir),
+        "compile_cache": compile_cache,
     }
+
+
+def _here(path: str | os.PathLike) -> str:
+    """A local path as every worker on this machine finds it, whatever its working folder."""
+    return os.path.abspath(path)
 
 
 def _count(results: Any, summary: Summary, total: int, progress: bool, log: Callable[[str], None]) -> None:

@@ -3,17 +3,19 @@
 Every engine writes PNG files through the job's sinks. The local figure is the mean of two warm
 runs (programs compiled) of `jobs.augment.run_augment`, one before and one after Ray's. The Ray
 figures are `RivalVariations` actors fed as `augment --engine ray` feeds them (pickled rows,
-`4 x batch size` images per Ray batch): the steady rate is timed from the first batch's results
-to the last (actor start, model load and compilation excluded, reported apart as "start"); Ray's
+`4 x batch size` images per Ray batch): each actor's steady rate is timed from its first batch's
+results to its last (actor start, model load and compilation excluded; the time to the first
+results is reported apart as "start"), and the actors' rates are added; Ray's
 per-item overhead is the time per image at one worker minus the local engine's. A local Ray of
 `--cpus` CPUs is started here.
 
-    python scripts/ray_benchmark.py --rows 32 --cpus 2
+    python scripts/ray_benchmark.py --rows 48 --cpus 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import tempfile
 import time
@@ -67,15 +69,27 @@ def ray_rate(model: Path, source: Path, output: Path, workers: int, cache: str) 
     )
     started, arrivals = time.perf_counter(), []
     for batch in out.iter_batches(batch_size=None):
-        arrivals.append((time.perf_counter(), int((np.asarray(batch["status"]) == "generated").sum())))
-    first, last = arrivals[0][0], arrivals[-1][0]
-    steady = sum(count for _, count in arrivals[1:])
-    return steady / (last - first), first - started
+        made = np.asarray(batch["status"]) == "generated"
+        arrivals.append((time.perf_counter(), batch["key"][made][0], batch["variation_index"][made][0], made.sum()))
+    owner = {}  # (key, variation index) -> the actor (sink process) that wrote it
+    for path in output.glob("records-*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            owner[record["key"], record["variation_index"]] = path.stem
+    actors: dict[str, list[tuple[float, int]]] = {}
+    for arrived, key, index, count in arrivals:
+        actors.setdefault(owner[key, index], []).append((arrived, int(count)))
+    steady = sum(
+        sum(count for _, count in batches[1:]) / (batches[-1][0] - batches[0][0])
+        for batches in actors.values()
+        if len(batches) > 1
+    )
+    return steady, arrivals[0][0] - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=32, help="exemplars (2 variations each)")
+    parser.add_argument("--rows", type=int, default=48, help="exemplars (2 variations each)")
     parser.add_argument("--side", type=int, default=64, help="exemplar side in pixels")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     args = parser.parse_args()

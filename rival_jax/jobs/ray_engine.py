@@ -2,18 +2,19 @@
 
 Each actor loads one `RivalPipeline`; a batch of exemplar rows goes in, one row per variation comes
 out. Generation is the local job's (`jobs.row_groups.run_rows`; ids, seeds and keys from
-`data.sources`; metadata from `jobs.outcomes.metadata`; the CLIP filters of `jobs.filtering`), so every
-image is pixel-identical to a one-process run's.
+`data.sources`; metadata from `jobs.outcomes`; the filters of `jobs.filtering`), so every image is
+pixel-identical to a one-process run's.
 
 Without `output` the variations come back in the rows as encoded images (for `write_parquet`,
-`write_webdataset`). With `output` each actor writes through its own sink (`data.sinks.open_sink`, a
-process index of its own from `process_counter`), commits the sink before it returns the batch, and
-drops the items any process finished before generating: a batch Ray retries after its actor died
-makes only what the dead actor had not committed, and a rerun only what is missing.
+`write_webdataset`). With `output` each actor writes through its own sink (`data.sinks`, a process
+index of its own from `process_counter`), drops the items any process finished before generating,
+and has a batch's items committed before it returns the batch: a batch Ray retries after its
+actor died makes only what the dead actor had not committed, and a rerun only what is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -29,6 +30,7 @@ from rival_jax.data.encoding import encode, parse_size
 from rival_jax.data.entries import jsonable, make_entry, relative_id
 from rival_jax.data.sinks import Item, OutputSpec, metadata_row, open_sink
 from rival_jax.data.sources import Row, _settings, load_row
+from rival_jax.data.storage import is_url
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import log, one_line
 from rival_jax.jobs.filtering import ClipFilter
@@ -201,6 +203,7 @@ class RivalVariations:
         self.model, self.settings, self.root, self.prompt_column = str(model), settings or {}, root, prompt_column
         self.batch_size, self.spec, self.output = batch_size, spec or OutputSpec(), output
         self.process = None if output is None else ray.get(processes.next.remote())
+        self.open = None
         prepare_runtime(job)
         self.pipe = load_pipeline(job, options or RunOptions())
         self.filter = None
@@ -209,12 +212,17 @@ class RivalVariations:
 
             self.filter = ClipFilter(load_clip(job.scoring_clip, cache_dir or True), keep_best, min_clip_image)
 
+    def _sink(self) -> Any:
+        """This actor's sink: one for its life where each image commits on its own (files in a local folder),
+        else one per batch, closed (committed) before the batch returns."""
+        if self.output is not None and self.open is None:
+            self.open = open_sink(self.output, self.spec, process=self.process, overwrite=False, log=log)
+        return self.open
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         rows, problems = batch_rows(batch, self.settings, self.root, self.prompt_column)
         out: dict[str, list] = {name: [] for name in COLUMNS}
-        sink = None
-        if self.output is not None:
-            sink = open_sink(self.output, self.spec, process=self.process, overwrite=False, log=log)
+        sink = self._sink()
         done = set() if sink is None else sink.finished()
         whole_rows = self.filter is not None and self.filter.keep_best is not None
         converted: set[str] = set()
@@ -275,18 +283,15 @@ class RivalVariations:
             report(id, "skipped", problem)
         with CompileTimer() as compiling:
             run_rows(self.pipe, work(), self.batch_size, save, report, whole_rows=whole_rows)
-        if sink is not None:
-            sink.close()
+        if sink is not None and (self.spec.format != "files" or is_url(self.output)):
+            sink.close()  # commits the batch's shard or records before Ray hears it is done
+            self.open = None
         out["compile_seconds"] = [compiling.seconds] * len(out["status"])  # the driver takes the longest
         return out
 
 
 def _fault() -> None:
     """The test fault (`FAULT`): the actor dies right after an item was committed, as if killed."""
-    path = os.environ.get(FAULT)
-    if path:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            return
+    with contextlib.suppress(FileNotFoundError, TypeError):
+        os.remove(os.environ.get(FAULT))  # only one actor removes it
         os._exit(1)

@@ -197,7 +197,7 @@ def test_keep_best_keeps_the_most_similar_and_records_every_score(tiny_pipe, tre
     clip_filter = ClipFilter(load_clip("tiny", cache_dir=None), keep_best=2, min_clip_image=None)
     output = tmp_path / "best"
     summary = _run(tiny_pipe, tree, output, {**SETTINGS, "num_variations": 3}, clip_filter=clip_filter)
-    assert (summary.generated, summary.dropped) == (9, 3)
+    assert (summary.generated, summary.dropped) == (9, 3) and "3 of them dropped by the CLIP filters" in summary.line()
     records = _records(output)
     assert len(records) == 9
     for source_id in ("cat/a.png", "cat/b.png", "dog/c.png"):

@@ -6,8 +6,9 @@ figures are `RivalVariations` actors fed as `augment --engine ray` feeds them (p
 `4 x batch size` images per Ray batch): each actor's steady rate is timed from its first batch's
 results to its last (actor start, model load and compilation excluded; the time to the first
 results is reported apart as "start"), and the actors' rates are added; Ray's
-per-item overhead is the time per image at one worker minus the local engine's. A local Ray of
-`--cpus` CPUs is started here.
+per-item overhead is the time per image at one worker minus the local engine's, and what Ray Data
+alone costs is timed on a no-op actor in the same pipeline shape. A local Ray of `--cpus` CPUs is
+started here.
 
     python scripts/ray_benchmark.py --rows 48 --cpus 2
 """
@@ -87,6 +88,27 @@ def ray_rate(model: Path, source: Path, output: Path, workers: int, cache: str) 
     return steady, arrivals[0][0] - started
 
 
+class Echo:
+    """A stand-in for `RivalVariations` that generates nothing: each row's variations come back at once."""
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        count = len(batch["row"]) * SETTINGS["num_variations"]
+        return {"status": ["generated"] * count, "metadata": ["{}"] * count, "image": [None] * count}
+
+
+def ray_cost(rows: int, workers: int) -> float:
+    """Milliseconds per image that Ray Data alone spends: the same pipeline shape, no generation."""
+    import ray
+
+    data = ray.data.from_items([{"row": pickle.dumps(index)} for index in range(rows)])
+    out = data.map_batches(
+        Echo, batch_size=4 * BATCH // SETTINGS["num_variations"], compute=ray.data.ActorPoolStrategy(size=workers)
+    )
+    arrivals = [(time.perf_counter(), len(batch["status"])) for batch in out.iter_batches(batch_size=None)]
+    count = sum(count for _, count in arrivals[1:])  # from the first results: the actors' start left out
+    return 1000 * (arrivals[-1][0] - arrivals[0][0]) / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48, help="exemplars (2 variations each)")
@@ -109,6 +131,7 @@ def main() -> None:
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     results = {workers: ray_rate(model, source, work / f"ray{workers}", workers, cache) for workers in (1, 2)}
+    machinery = ray_cost(2000, 1)
     ray.shutdown()
     local = (before + local_rate(pipe, model, source, work / "local-after")) / 2  # the machine's load drifts
     images = args.rows * SETTINGS["num_variations"]
@@ -117,7 +140,8 @@ def main() -> None:
     for workers, (rate, start) in results.items():
         print(f"ray, {workers} worker{'s' * (workers > 1)}: {rate:.2f} img/s steady (start {start:.1f} s)")
     overhead = 1000 * (1 / results[1][0] - 1 / local)
-    print(f"ray per-item overhead at 1 worker: {overhead:.1f} ms per image")
+    print(f"ray per-item overhead at 1 worker: {overhead:.1f} ms per image (1/rate difference, in the noise)")
+    print(f"ray data alone (a no-op actor, 2000 rows, 1 worker): {machinery:.2f} ms per image")
 
 
 if __name__ == "__main__":

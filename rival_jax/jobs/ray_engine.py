@@ -158,7 +158,7 @@ class RivalVariations:
     dropped by a filter), its name (`cat/c_v0003`: the output stem and shard sample key), the row's
     key, the variation index, the source id, a status (generated, dropped, done: finished before,
     skipped or failed: the whole row, with a message), whether the exemplar was converted to RGB,
-    and the metadata as JSON text (the fields of `metadata.jsonl`).
+    the metadata as JSON text (the fields of `metadata.jsonl`), and the batch's compile seconds.
 
     >>> ds = ray.data.read_images("train/", include_paths=True, mode="RGB")
     >>> out = ds.map_batches(RivalVariations, fn_constructor_kwargs={"model": "tiny", "root": "train",

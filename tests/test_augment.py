@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rival_jax.data.sources import derive_seed, list_rows
 from rival_jax.errors import RivalError
 from rival_jax.jobs.augment import run_augment
-from rival_jax.jobs.manifest import read_rows
 
 JOB = ["--steps", "2", "--batch-size", "2", "--no-progress", "--no-compile-cache"]
 
@@ -42,30 +42,39 @@ def manifest(tmp_path_factory) -> Path:
     return path
 
 
-def _rows(manifest):
-    return read_rows(manifest, {"steps": 2}, "tiny")
+def _rows(manifest, defaults=None):
+    listing = list_rows(manifest, defaults or {"steps": 2}, model="tiny")
+    return listing.rows, listing.problems
+
+
+def _images(rows) -> list[Path]:
+    return [Path(row.entry.image) for row in rows]
 
 
 def test_manifest_rows_and_problems(manifest, tmp_path):
     rows, problems = _rows(manifest)
-    assert [row.number for row in rows] == [0, 1, 2, 4]
-    assert problems == ["row 3 skipped: guidance_scale='loud' is not a number"]
-    first, _, third, _ = rows
+    assert [row.id for row in rows] == ["a.png", "b.jpg", "gray.png", "missing.png"]
+    assert problems == ["row a.png skipped: guidance_scale='loud' is not a number"]
+    first, second, _, missing = rows
     assert first.settings["t_align"] == 500 and first.settings["inversion_prompt"] == "a photo of a cat"
-    assert first.settings["seed"] == 0 and third.settings["seed"] == 7 and rows[1].settings["seed"] == 1
+    assert first.settings["seed"] == derive_seed(0, "a.png") and second.settings["seed"] == 7
+    assert missing.settings["seed"] == derive_seed(0, "missing.png")
     csv = tmp_path / "m.csv"
     csv.write_text(f"image,num_variations,noise_alignment\n{manifest.parent / 'a.png'},2,false\n,1,\n")
-    csv_rows, csv_problems = read_rows(csv, {}, "tiny")
+    csv_rows, csv_problems = _rows(csv, {})
     assert csv_rows[0].settings["noise_alignment"] is False and csv_rows[0].settings["num_variations"] == 2
-    assert csv_problems == ["row 1 skipped: no image given"]
+    assert len(csv_problems) == 1 and "no image" in csv_problems[0]
+
+
+def _run(pipe, manifest, output, **kwargs):
+    rows, problems = _rows(manifest)
+    return run_augment(pipe, rows, output, batch_size=2, problems=problems, show_progress=False, model="tiny", **kwargs)
 
 
 @pytest.fixture(scope="module")
 def single_run(manifest, tiny_pipe, tmp_path_factory):
     output = tmp_path_factory.mktemp("single")
-    rows, problems = _rows(manifest)
-    summary = run_augment(tiny_pipe, rows, output, batch_size=2, problems=problems, show_progress=False)
-    return output, summary
+    return output, _run(tiny_pipe, manifest, output)
 
 
 def _records(output: Path) -> list[dict]:
@@ -79,18 +88,19 @@ def _pixels(output: Path) -> dict[str, np.ndarray]:
 
 def test_single_run_outputs_and_summary(single_run):
     output, summary = single_run
-    assert (summary.generated, summary.already_done, summary.skipped_rows, summary.failed_rows) == (7, 0, 3, 0)
-    assert len(summary.problems) == 3 and any("missing.png" in p for p in summary.problems)
-    assert any("grayscale" in p for p in summary.problems)
+    assert (summary.generated, summary.already_done, summary.skipped_rows, summary.failed_rows) == (8, 0, 2, 0)
+    assert len(summary.problems) == 2 and any("missing.png" in p for p in summary.problems)
+    assert summary.converted == 1  # gray.png
     names = sorted(_pixels(output))
-    assert names == [f"r000000_a_v000{i}.png" for i in range(3)] + [f"r000002_b_v000{i}.png" for i in range(4)]
+    expected = [f"a_v000{i}.png" for i in range(3)] + [f"b_v000{i}.png" for i in range(4)] + ["gray_v0000.png"]
+    assert names == expected
     records = _records(output)
     assert sorted(r["file"] for r in records) == [f"images/{n}" for n in names]
-    assert all(r["settings"]["steps"] == 2 for r in records)
-    assert all(r["random_weights"] is True for r in records)  # the tiny model: evaluate warns of it
+    assert all(r["metadata"]["settings"]["steps"] == 2 for r in records)
+    assert all(r["metadata"]["random_weights"] is True for r in records)  # the tiny model: evaluate warns of it
     assert 0 < summary.compile_seconds < summary.seconds and summary.exit_code == 1
     rate = summary.generated / (summary.seconds - summary.compile_seconds)
-    assert f"7 generated ({rate:.2f} img/s, compile {summary.compile_seconds:.1f} s excluded)" in summary.line()
+    assert f"8 generated ({rate:.2f} img/s, compile {summary.compile_seconds:.1f} s excluded)" in summary.line()
 
 
 @pytest.mark.parametrize(
@@ -148,17 +158,17 @@ def test_killed_job_resumes_without_loss_duplicates_or_rework(manifest, tiny_fla
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = {p.name: p.stat().st_mtime_ns for p in (output / "images").glob("*.png")}
-    assert 3 <= len(before) < 7
+    assert 3 <= len(before) < 8
 
     result = subprocess.run(command, env=_env(cache_dir), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 1, result.stderr  # the manifest's bad rows are skipped
     summary = result.stderr.strip().splitlines()[-1]
-    assert f"{7 - len(before)} generated" in summary and f"{len(before)} already done" in summary
+    assert f"{8 - len(before)} generated" in summary and f"{len(before)} already done" in summary
     after = {p.name: p.stat().st_mtime_ns for p in (output / "images").glob("*.png")}
     assert all(after[name] == stamp for name, stamp in before.items())
     assert not list((output / "images").glob(".*"))
     records = _records(output)
-    assert len(records) == 7 and len({(r["key"], r["variation_index"]) for r in records}) == 7
+    assert len(records) == 8 and len({(r["key"], r["variation_index"]) for r in records}) == 8
     expected = _pixels(single_run[0])
     got = _pixels(output)
     assert got.keys() == expected.keys()
@@ -198,7 +208,7 @@ def test_two_processes_with_jax_distributed_match_one(manifest, tiny_flax, singl
     logs = [p.communicate(timeout=600) for p in processes]
     assert [p.returncode for p in processes] == [1, 1], logs  # each meets a bad row of the manifest in its share
     assert sorted(p.name for p in output.glob("records-*.jsonl")) == ["records-0000.jsonl", "records-0001.jsonl"]
-    assert all(_records(output)) and len(_records(output)) == 7
+    assert all(_records(output)) and len(_records(output)) == 8
     expected, got = _pixels(single_run[0]), _pixels(output)
     assert got.keys() == expected.keys()
     assert all(np.abs(got[k].astype(int) - expected[k]).max() <= 1 for k in got)
@@ -212,17 +222,17 @@ def test_manifest_rows_carry_their_control_maps(tmp_path, tiny_flax, tiny_contro
         Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / name)
     Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "p-edges.png")
     (tmp_path / "m.csv").write_text(
-        "image,control_image,control_scale\np.png,p-edges.png,0.5\nq.png,canny,\nq.png,missing-edges.png,\n"
+        "id,image,control_image,control_scale\np,p.png,p-edges.png,0.5\nq,q.png,canny,\nq-bad,q.png,missing-edges.png,\n"
     )
-    rows, problems = read_rows(tmp_path / "m.csv", {"steps": 2, "num_variations": 1}, "tiny")
+    rows, problems = _rows(tmp_path / "m.csv", {"steps": 2, "num_variations": 1})
     assert problems == [] and rows[0].settings["control_image"] == [str(tmp_path / "p-edges.png")]
     assert rows[0].settings["control_scale"] == 0.5 and rows[1].settings["control_image"] == ["canny"]
     pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, controlnet=tiny_controlnet)
     output = tmp_path / "out"
-    summary = run_augment(pipe, rows, output, batch_size=1, show_progress=False)
+    summary = run_augment(pipe, rows, output, batch_size=1, show_progress=False, model="tiny")
     assert (summary.generated, summary.skipped_rows) == (2, 1)
     assert "missing-edges.png does not exist" in summary.problems[0]
-    assert {r["settings"]["control_scale"] for r in _records(output)} == {0.5, 1.0}
+    assert {r["metadata"]["settings"]["control_scale"] for r in _records(output)} == {0.5, 1.0}
 
 
 def test_a_relative_image_folder_is_read_once_not_joined_twice(tmp_path, monkeypatch):
@@ -230,9 +240,9 @@ def test_a_relative_image_folder_is_read_once_not_joined_twice(tmp_path, monkeyp
     folder.mkdir()
     Image.new("RGB", (32, 32)).save(folder / "apple.png")
     monkeypatch.chdir(tmp_path)
-    rows, problems = read_rows("src", {}, "tiny")
-    assert problems == [] and [row.image for row in rows] == [folder.resolve() / "apple.png"]
-    assert rows[0].image.is_file()
+    rows, problems = _rows("src", {})
+    assert problems == [] and [image.resolve() for image in _images(rows)] == [folder.resolve() / "apple.png"]
+    assert _images(rows)[0].is_file()
 
 
 @pytest.fixture
@@ -244,7 +254,7 @@ def path_layout(tmp_path, monkeypatch):
     for path in (data / "set" / "a.png", data / "other" / "b.png"):
         Image.new("RGB", (48, 40)).save(path)
     (data / "set" / "manifest.csv").write_text(
-        f"image,mask\na.png,\n./a.png,\n../other/b.png,\n{data / 'other' / 'b.png'},\n"
+        f"id,image,mask\n1,a.png,\n2,./a.png,\n3,../other/b.png,\n4,{data / 'other' / 'b.png'},\n"
     )
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "set-link").symlink_to(data / "set")
@@ -265,19 +275,21 @@ def path_layout(tmp_path, monkeypatch):
 )
 def test_manifest_paths_are_relative_to_the_manifests_folder_whatever_the_manifest_path(path_layout, source):
     source = path_layout / "set" / "manifest.csv" if source == "ABSOLUTE" else source
-    rows, problems = read_rows(source, {}, "tiny")
+    rows, problems = _rows(source, {})
     assert problems == []
-    assert [row.image.resolve() for row in rows] == [
+    assert [image.resolve() for image in _images(rows)] == [
         (path_layout / p).resolve() for p in ("set/a.png", "set/a.png", "other/b.png", "other/b.png")
     ]
-    assert all(row.image.is_absolute() and row.image.is_file() for row in rows)
+    assert all(image.is_absolute() and image.is_file() for image in _images(rows))
 
 
 @pytest.mark.parametrize("folder", ["../data/set", "./set-link", "set-link/", "ABSOLUTE"])
 def test_image_folders_are_relative_to_the_current_folder(path_layout, folder):
     folder = path_layout / "set" if folder == "ABSOLUTE" else folder
-    rows, problems = read_rows(folder, {}, "tiny")
-    assert problems == [] and [row.image.resolve() for row in rows] == [(path_layout / "set" / "a.png").resolve()]
+    rows, problems = _rows(folder, {})
+    assert problems == [] and [image.resolve() for image in _images(rows)] == [
+        (path_layout / "set" / "a.png").resolve()
+    ]
 
 
 @pytest.mark.parametrize(
@@ -288,10 +300,10 @@ def test_an_empty_or_unreadable_manifest_is_bad_input(tmp_path, content, message
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(content.encode("latin-1"))
     with pytest.raises(RivalError, match=message):
-        read_rows(manifest, {}, "tiny")
+        _rows(manifest, {})
     (tmp_path / "empty").mkdir()
     with pytest.raises(RivalError, match="has no rows"):
-        read_rows(tmp_path / "empty", {}, "tiny")
+        _rows(tmp_path / "empty", {})
 
 
 def test_manifest_rows_override_the_command_line(tmp_path):
@@ -300,12 +312,15 @@ def test_manifest_rows_override_the_command_line(tmp_path):
 
     Image.new("RGB", (48, 40)).save(tmp_path / "a.png")
     (tmp_path / "m.jsonl").write_text(
-        json.dumps({"image": "a.png", "t_align": 300, "task": "edit"}) + "\n" + json.dumps({"image": "a.png"}) + "\n"
+        json.dumps({"id": "edited", "image": "a.png", "t_align": 300, "task": "edit"})
+        + "\n"
+        + json.dumps({"id": "plain", "image": "a.png"})
+        + "\n"
     )
     arguments = vars(build_parser().parse_args(["augment", str(tmp_path / "m.jsonl"), "--t-align", "500", "-n", "3"]))
     arguments.pop("command")
     _, _, cli_row = layer_options(AugmentOptions, arguments)
-    rows, problems = read_rows(tmp_path / "m.jsonl", cli_row, "tiny")
+    rows, problems = _rows(tmp_path / "m.jsonl", cli_row)
     assert problems == []
     edited, plain = (row.settings for row in rows)
     assert (edited["t_align"], plain["t_align"]) == (300, 500)

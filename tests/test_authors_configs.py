@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from rival_jax.cli import main
+from rival_jax.data.sources import list_rows
 from rival_jax.errors import RivalError
 from rival_jax.jobs.augment import run_augment
-from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.settings import ROW_FIELDS, merge_settings, read_settings_file
 
 AUTHORS = Path(__file__).parent / "data" / "authors-configs"
@@ -93,11 +93,13 @@ def test_every_image_config_is_a_manifest(authors_tree, config):
     path = authors_tree / "assets" / "images" / config.name
     values = json.loads(path.read_text())
     task = "edit" if "editing" in config.name else "variation"
-    rows, problems = read_rows(path, {"task": task, "negative_prompt": "blurry"}, "tiny")
-    assert problems == [] and len(rows) == len(values["image_exps"])
+    listing = list_rows(path, {"task": task, "negative_prompt": "blurry"}, model="tiny")
+    assert listing.problems == [] and len(listing.rows) == len(values["image_exps"])
     image_root = authors_tree / values["image_root"]
-    for row, spec in zip(rows, values["image_exps"], strict=True):
-        assert row.image == image_root / spec["image_path"] and row.image.is_file()
+    rows = {row.id: row for row in listing.rows}  # each row's id is its exp_name
+    for spec in values["image_exps"]:
+        row = rows[spec["exp_name"]]
+        assert Path(row.entry.image) == image_root / spec["image_path"] and Path(row.entry.image).is_file()
         assert row.settings["prompt"] == spec["prompt"] + values["prompt_postfix"]
         assert row.settings["negative_prompt"] == "blurry" + values["neg_prompt"]
         if "control_image_path" in spec:
@@ -108,7 +110,7 @@ def test_every_image_config_is_a_manifest(authors_tree, config):
             assert row.settings["task"] == "inpaint"
             theirs = np.asarray(Image.open(image_root / spec["mask_path"]))
             ours = np.asarray(Image.open(row.settings["mask"]))
-            assert ours.shape == Image.open(row.image).size[::-1] and np.array_equal(ours == 255, theirs == 0)
+            assert ours.shape == Image.open(row.entry.image).size[::-1] and np.array_equal(ours == 255, theirs == 0)
 
 
 def test_unknown_image_config_keys_are_named(tmp_path):
@@ -117,14 +119,16 @@ def test_unknown_image_config_keys_are_named(tmp_path):
     path = tmp_path / "configs.json"
     path.write_text(json.dumps(values))
     with pytest.raises(RivalError, match=r"image_exps\[1\]: unknown key\(s\) strength"):
-        read_rows(path, {}, "tiny")
+        list_rows(path, {}, model="tiny")
 
 
 def test_authors_inpainting_experiment_runs_end_to_end(authors_tree, tiny_pipe, tmp_path):
     defaults = read_settings_file(authors_tree / "configs" / "rival_inpainting.json", ROW_FIELDS)
     defaults.update(steps=2, num_variations=1)
-    rows, problems = read_rows(authors_tree / "assets" / "images" / "configs_inpainting.json", defaults, "tiny")
-    summary = run_augment(tiny_pipe, rows, tmp_path, batch_size=2, problems=problems, show_progress=False)
+    listing = list_rows(authors_tree / "assets" / "images" / "configs_inpainting.json", defaults, model="tiny")
+    summary = run_augment(
+        tiny_pipe, listing.rows, tmp_path, batch_size=2, problems=listing.problems, show_progress=False
+    )
     assert (summary.generated, summary.skipped_rows, summary.failed_rows) == (2, 0, 0), summary.problems
     records = [json.loads(line) for line in next(tmp_path.glob("records-*.jsonl")).read_text().splitlines()]
     assert sorted(r["file"] for r in records) == sorted(f"images/{p.name}" for p in (tmp_path / "images").iterdir())

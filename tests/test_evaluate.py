@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from rival_jax.cli import main
-from rival_jax.jobs.augment import run_augment
+from rival_jax.data.sinks import Item, OutputSpec, open_sink
 from rival_jax.jobs.evaluate import evaluate_folder
-from rival_jax.jobs.manifest import read_rows
 from rival_jax.metrics.palette import palette, palette_distance
 
 # As tests/test_cli.py's variation run, so the suite's compiled programs (XLA's disk cache) are reused.
@@ -86,27 +85,39 @@ def test_traces_are_plotted_when_present_and_skipped_when_malformed(generated, c
         (generated / "traces.json").unlink()
 
 
-def test_evaluate_an_augment_folder_scores_each_image_against_its_own_exemplar(tmp_path, tiny_pipe, cache_dir):
+def test_evaluate_an_augment_folder_scores_each_image_against_its_own_exemplar(tmp_path, cache_dir):
     rng = np.random.default_rng(4)
     colours = {"red.png": (200, 40, 30), "blue.png": (20, 50, 210)}
+    prompts = {"red.png": "a red house", "blue.png": ""}
+    sink = open_sink(tmp_path / "out", OutputSpec(), process=0, overwrite=False, log=print)
     for name, colour in colours.items():
         pixels = np.clip(np.asarray(colour) + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(tmp_path / name)
-    manifest = tmp_path / "manifest.jsonl"
-    prompts = {"red.png": "a red house", "blue.png": ""}
-    manifest.write_text("".join(json.dumps({"image": n, "prompt": p}) + "\n" for n, p in prompts.items()))
-    rows, problems = read_rows(manifest, {"steps": 2, "num_variations": 2}, "tiny")
-    run_augment(tiny_pipe, rows, tmp_path / "out", batch_size=2, problems=problems, show_progress=False)
+        metadata = {"source": str(tmp_path / name), "prompt": prompts[name], "random_weights": True}
+        for index in range(2):
+            variation = Image.fromarray(np.roll(pixels, 8 * index, axis=0))
+            sink.add(Item(f"key-{name}", index, Path(name).stem, metadata, (64, 64)), variation)
+    sink.add(Item("key-red.png", 2, "red", {"source": str(tmp_path / "red.png"), "dropped": True}, (64, 64)), None)
+    sink.close()
     summary = evaluate_folder(tmp_path / "out", clip="tiny", cache_dir=cache_dir)
-    assert summary["images"] == 4 and summary["exemplars"] == 2
+    assert summary["images"] == 4 and summary["exemplars"] == 2, "the dropped variation is not scored"
     assert isinstance(summary["kid"], float) and isinstance(summary["kid_std"], float)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for row in metrics["images"]:
         name = Path(row["exemplar"]).name
-        assert f"_{Path(name).stem}_v" in row["file"] and row["prompt"] == prompts[name]
+        assert row["file"].startswith(f"images/{Path(name).stem}_v") and row["prompt"] == prompts[name]
         assert (row["clip_text"] is None) == (prompts[name] == "")
     assert [group["images"] for group in metrics["exemplars"]] == [2, 2]
     assert metrics["random_weights"]["generator"] is True, "the tiny model's random weights must be reported"
+
+
+def test_shard_and_url_outputs_are_refused_in_one_line(capsys, tmp_path):
+    sink = open_sink(tmp_path / "out", OutputSpec(format="webdataset"), process=0, overwrite=False, log=print)
+    sink.add(Item("k", 0, "a", {"prompt": ""}, (8, 8)), Image.new("RGB", (8, 8)))
+    sink.close()
+    for folder, message in [(tmp_path / "out", "holds shards"), ("s3://bucket/out", "is a URL")]:
+        code, stdout, stderr = _run(capsys, "evaluate", folder, "--clip", "tiny")
+        assert code == 2 and stdout == "" and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
 @pytest.mark.parametrize(

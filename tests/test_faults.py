@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 
 from rival_jax import files
+from rival_jax.data import storage
+from rival_jax.data.records import RecordLog
+from rival_jax.data.sources import list_rows
 from rival_jax.jobs.augment import run_augment
-from rival_jax.jobs.manifest import read_rows
-from rival_jax.jobs.records import RecordLog
 
 # Exemplar sizes and settings of tests/test_augment.py, so the compiled programs are shared.
 SETTINGS = {"steps": 2, "num_variations": 2}
@@ -37,8 +38,10 @@ def job(tmp_path) -> Path:
 
 
 def _run(pipe, manifest, output, **kwargs):
-    rows, problems = read_rows(manifest, SETTINGS, "tiny")
-    return run_augment(pipe, rows, output, batch_size=2, problems=problems, show_progress=False, **kwargs)
+    listing = list_rows(manifest, SETTINGS, model="tiny")
+    return run_augment(
+        pipe, listing.rows, output, batch_size=2, problems=listing.problems, show_progress=False, model="tiny", **kwargs
+    )
 
 
 def _check_folder(output: Path) -> list[dict]:
@@ -48,12 +51,14 @@ def _check_folder(output: Path) -> list[dict]:
     assert not [p for p in pngs if p.name.startswith(".")]
     assert sorted(r["file"] for r in records) == [f"images/{p.name}" for p in pngs]
     assert all(files.png_metadata(p) is not None for p in pngs)
+    indexed = [json.loads(line)["file_name"] for line in (output / "metadata.jsonl").read_text().splitlines()]
+    assert indexed == [f"images/{p.name}" for p in pngs]
     return records
 
 
 def test_a_full_disk_fails_the_row_writes_nothing_half_and_the_rerun_completes(tiny_pipe, job, tmp_path, monkeypatch):
     output = tmp_path / "out"
-    real_write, calls = files.write_atomic, []
+    real_write, calls = storage.write_atomic, []
 
     def disk_fills_on_the_second_image(path, write, binary=True):
         calls.append(path)
@@ -66,20 +71,20 @@ def test_a_full_disk_fails_the_row_writes_nothing_half_and_the_rerun_completes(t
 
         return real_write(path, half_then_full, binary)
 
-    monkeypatch.setattr(files, "write_atomic", disk_fills_on_the_second_image)
+    monkeypatch.setattr(storage, "write_atomic", disk_fills_on_the_second_image)
     summary = _run(tiny_pipe, job, output)
     assert (summary.generated, summary.failed_rows, summary.exit_code) == (3, 1, 1)  # images, not rows
-    assert summary.problems == [f"row 0 failed: OSError: [Errno 28] {os.strerror(errno.ENOSPC)}"]
+    assert summary.problems == [f"row a.png failed: OSError: [Errno 28] {os.strerror(errno.ENOSPC)}"]
     assert len(_check_folder(output)) == 3  # a's first image and b's two
-    monkeypatch.setattr(files, "write_atomic", real_write)
+    monkeypatch.setattr(storage, "write_atomic", real_write)
     summary = _run(tiny_pipe, job, output)
     assert (summary.generated, summary.already_done, summary.exit_code) == (1, 3, 0)
     assert len(_check_folder(output)) == 4
 
 
 def test_a_record_the_disk_cannot_take_is_cut_back_off(tmp_path, monkeypatch):
-    log = RecordLog(tmp_path / "records-0000.jsonl")
-    log.append({"key": "k", "variation_index": 0, "file": "images/x.png"})
+    log = RecordLog(tmp_path, 0)
+    log.append([{"key": "k", "variation_index": 0, "file": "images/x.png"}])
     before = log.path.read_bytes()
 
     def full(_descriptor):
@@ -87,7 +92,7 @@ def test_a_record_the_disk_cannot_take_is_cut_back_off(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match="No space left"):
-        log.append({"key": "k", "variation_index": 1, "file": "images/y.png"})
+        log.append([{"key": "k", "variation_index": 1, "file": "images/y.png"}])
     assert log.path.read_bytes() == before
 
 
@@ -95,15 +100,17 @@ def test_an_exemplar_deleted_mid_job_skips_its_row_only(tiny_pipe, job, tmp_path
     output, moved = tmp_path / "out", tmp_path / "b.png.away"
     real_append = RecordLog.append
 
-    def delete_b_after_the_first_image(self, record):
-        real_append(self, record)
-        if (job.parent / "b.png").exists():
+    def delete_b_after_the_first_image(self, records):
+        real_append(self, records)
+        if records and (job.parent / "b.png").exists():
             (job.parent / "b.png").rename(moved)
 
     monkeypatch.setattr(RecordLog, "append", delete_b_after_the_first_image)
     summary = _run(tiny_pipe, job, output)
     assert (summary.generated, summary.skipped_rows, summary.exit_code) == (2, 1, 1)
-    assert summary.problems == [f"row 1 skipped: exemplar {job.parent / 'b.png'} does not exist: check the path"]
+    assert summary.problems == [
+        f"row b.png skipped: {job.parent / 'b.png'} cannot be read (No such file or directory): check the path"
+    ]
     monkeypatch.setattr(RecordLog, "append", real_append)
     moved.rename(job.parent / "b.png")
     summary = _run(tiny_pipe, job, output)
@@ -127,24 +134,24 @@ def test_overwrite_starts_over_and_keeps_files_no_run_recorded(tiny_pipe, job, t
 def test_ctrl_c_mid_job_prints_one_line_exits_130_and_the_rerun_resumes(capsys, job, tmp_path, tiny_flax, monkeypatch):
     from rival_jax.cli import main
 
-    output, real_save, saved = tmp_path / "out", files.save_png, []
+    output, real_write, saved = tmp_path / "out", storage.write_atomic, []
 
-    def interrupted_after_two_images(image, path, metadata=None):
-        if len(saved) == 2:
-            raise KeyboardInterrupt
+    def interrupted_after_two_images(path, write, binary=True):
         saved.append(path)
-        return real_save(image, path, metadata)
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        return real_write(path, write, binary)
 
     argv = ["augment", str(job), "-o", str(output), "--model", str(tiny_flax), "--steps", "2", "-n", "2"]
     argv += ["--batch-size", "2", "--no-progress"]
-    monkeypatch.setattr(files, "save_png", interrupted_after_two_images)
+    monkeypatch.setattr(storage, "write_atomic", interrupted_after_two_images)
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         f"rival-jax: interrupted: 2 of 4 images finished in {output}; rerun the same command to resume"
     )
-    assert len(_check_folder(output)) == 2 and not list(output.glob(".rival-jax-*.lock"))
-    monkeypatch.setattr(files, "save_png", real_save)
+    assert len(_check_folder(output)) == 2 and not list(output.glob(".rival-jax-0*.lock"))
+    monkeypatch.setattr(storage, "write_atomic", real_write)
     assert main(argv) == 0
     assert "done: 2 generated" in (err := capsys.readouterr().err) and "2 already done" in err, err
     assert len(_check_folder(output)) == 4

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from rival_jax.data.sources import list_rows
 from rival_jax.errors import RivalError
 from rival_jax.images import mask_region, open_mask
-from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.options import GenerateOptions
 from rival_jax.jobs.settings import ROW_FIELDS
 from rival_jax.options import FIELDS as RUN_OPTION_FIELDS
@@ -61,19 +61,29 @@ def _files(folder: Path) -> set[Path]:
 
 
 def _read(manifest: Path, count: int) -> None:
-    """read_rows gives one row or one problem per manifest row, or one RivalError; it writes nothing."""
+    """list_rows gives one row or one problem per manifest row, or one RivalError; it writes nothing.
+
+    Rows come sorted by id with unique ids and names; every column but `image` is kept as data, and the
+    ones that are not settings are listed once.
+    """
     before = _files(manifest.parent)
     try:
-        rows, problems = read_rows(manifest, {"steps": 2}, "tiny")
+        listing = list_rows(manifest, {"steps": 2}, model="tiny")
     except RivalError as error:
         assert "\n" not in str(error)
         return
     finally:
         assert _files(manifest.parent) == before
-    assert len(rows) + len(problems) == count
-    assert len({row.number for row in rows}) == len(rows)  # duplicate lines stay separate rows
-    assert all(row.image.is_absolute() and row.settings["steps"] == 2 for row in rows)
-    assert all("\n" not in problem for problem in problems)
+    rows = listing.rows
+    assert len(rows) + len(listing.problems) == count
+    ids = [row.id for row in rows]
+    assert ids == sorted(set(ids)) and len({row.name for row in rows}) == len(rows)
+    assert all(Path(row.entry.image).is_absolute() and row.settings["steps"] == 2 for row in rows)
+    assert all("\n" not in problem for problem in listing.problems)
+    for row in rows:
+        assert "image" not in row.entry.columns
+        assert {c for c in row.entry.columns if c not in ROW_FIELDS} <= set(listing.extra_columns)
+    assert not set(listing.extra_columns) & {*ROW_FIELDS, "image"}
 
 
 @EXAMPLES
@@ -103,7 +113,7 @@ def test_a_csv_with_odd_quoting_is_rows_or_one_error(raw):
 
 def _expect_error(manifest: Path) -> None:
     try:
-        read_rows(manifest, {}, "tiny")
+        list_rows(manifest, {}, model="tiny")
     except RivalError:
         return
     raise AssertionError("a CSV the csv module cannot read must be a RivalError")

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from rival_jax.core.parallel import exemplar_rows, spread
+from rival_jax.data.sources import list_rows
 from rival_jax.jobs.augment import run_augment
-from rival_jax.jobs.manifest import read_rows
 
 STEPS, BATCH = 2, 2
 ROWS = [
@@ -31,22 +31,22 @@ EIGHT_DEVICES = textwrap.dedent(
     import json, sys, jax, numpy as np
     from rival_jax import RivalPipeline, RunOptions
     from rival_jax.core.reference import reference_pass
+    from pathlib import Path
+    from rival_jax.data.sources import list_rows
     from rival_jax.jobs.augment import run_augment
-    from rival_jax.jobs.manifest import read_rows
     from rival_jax.pipeline import ExemplarGroup, Request
     from rival_jax.models.loading import load_models
     checkpoint, manifest, output, result = sys.argv[1:]
     pipe = RivalPipeline(load_models(checkpoint, np.float32, None), RunOptions(resolution=64))
-    rows, problems = read_rows(manifest, {"steps": 2}, "tiny")
-    rows = [row for row in rows if row.image.is_file()]
-    chain = pipe.invert(rows[0].image, rows[0].settings["inversion_prompt"], 2)
+    rows = [row for row in list_rows(manifest, {"steps": 2}, model="tiny").rows if Path(row.entry.image).is_file()]
+    chain = pipe.invert(rows[0].entry.image, rows[0].settings["inversion_prompt"], 2)
     sharded = pipe.reference_pass(chain)
     timesteps = jax.numpy.asarray(chain.timesteps)
     args = (pipe.params["unet"], pipe.models.schedule, chain.latents, pipe.contexts(chain), timesteps)
     single = jax.jit(lambda *a: reference_pass(pipe.models.unet, *a))(*args)
     reference = [float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
                  for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(single))]
-    exemplars = [str(row.image) for row in rows]
+    exemplars = [str(row.entry.image) for row in rows]
     chains = pipe.invert_many(exemplars, [row.settings["inversion_prompt"] for row in rows], 2)
     requests = [Request([1, 0], r.settings["seed"], r.settings["prompt"], r.settings["negative_prompt"]) for r in rows]
     group = ExemplarGroup(chains)
@@ -55,8 +55,8 @@ EIGHT_DEVICES = textwrap.dedent(
                            prompt=q.prompt, negative_prompt=q.negative_prompt, output_type="latent")
              for e, r, q in zip(exemplars, rows, requests)]
     generation = [float(np.abs(t.latents - a.latents).max() / np.abs(a.latents).max()) for t, a in zip(together, alone)]
-    rows, problems = read_rows(manifest, {"steps": 2}, "tiny")
-    summary = run_augment(pipe, rows, output, batch_size=2, problems=problems, show_progress=False)
+    listing = list_rows(manifest, {"steps": 2}, model="tiny")
+    summary = run_augment(pipe, listing.rows, output, batch_size=2, problems=listing.problems, show_progress=False)
     json.dump({"devices": pipe.mesh.size, "reference": reference, "generation": generation,
                "summary": [summary.generated, summary.skipped_rows, summary.failed_rows]}, open(result, "w"))
     """
@@ -87,23 +87,26 @@ def _pixels(output: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def one_at_a_time(manifest, tiny_pipe, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("one-at-a-time")
-    rows, problems = read_rows(manifest, {"steps": STEPS}, "tiny")
-    summary = run_augment(_pipe(tiny_pipe, 1), rows, output, BATCH, problems=problems, show_progress=False)
+    listing = list_rows(manifest, {"steps": STEPS}, model="tiny")
+    summary = run_augment(
+        _pipe(tiny_pipe, 1), listing.rows, output, BATCH, problems=listing.problems, show_progress=False
+    )
     assert (summary.generated, summary.skipped_rows, summary.failed_rows) == (6, 1, 0)
     return output
 
 
 def test_exemplar_batches_of_two_write_the_same_images_and_resume(manifest, tiny_pipe, one_at_a_time, tmp_path):
-    """Rows 0 and 1 share a batch, row 3 fills a batch padded to two; then a lost image is redone alone."""
+    """x and y share a batch, z fills a batch padded to two; then a lost image is redone alone."""
     pipe = _pipe(tiny_pipe, 2)
-    rows, problems = read_rows(manifest, {"steps": STEPS}, "tiny")
-    summary = run_augment(pipe, rows, tmp_path, BATCH, problems=problems, show_progress=False)
+    listing = list_rows(manifest, {"steps": STEPS}, model="tiny")
+    rows = listing.rows
+    summary = run_augment(pipe, rows, tmp_path, BATCH, problems=listing.problems, show_progress=False)
     assert (summary.generated, summary.skipped_rows, summary.failed_rows) == (6, 1, 0)
     expected, got = _pixels(one_at_a_time), _pixels(tmp_path)
     assert got.keys() == expected.keys() and len(got) == 6
     assert all(np.abs(got[name] - expected[name]).max() <= 1 for name in got)
 
-    lost = "r000000_x_v0001.png"
+    lost = "x_v0001.png"
     (tmp_path / "images" / lost).unlink()
     records = tmp_path / "records-0000.jsonl"
     records.write_text("".join(line + "\n" for line in records.read_text().splitlines() if lost not in line))

@@ -7,6 +7,7 @@ extra (`pip install -e ".[cloud]"`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
@@ -76,3 +77,26 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
         return
     fs, path = filesystem(location)
     fs.pipe_file(path, data)
+
+
+def list_files(folder: str | os.PathLike) -> list[str]:
+    """Every file under `folder` (a path or URL), as sorted posix paths relative to it; [] when there is none.
+
+    >>> list_files("s3://bucket/out/images")  # ["cat/a_v0000.png", ...]
+    """
+    if not is_url(folder):
+        root = Path(folder)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    fs, path = filesystem(folder)
+    fs.invalidate_cache(path)
+    return sorted(posixpath.relpath(p, path) for p in fs.find(path))
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Remove the file at a path or URL; one already gone is no error."""
+    if not is_url(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)

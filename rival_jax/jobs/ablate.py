@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from rival_jax import files
+from rival_jax.data.sources import list_rows
 from rival_jax.errors import RivalError
 from rival_jax.jobs.augment import run_augment
 from rival_jax.jobs.common import Interrupted, check_control, load_pipeline, log, prepare_runtime, show_progress
 from rival_jax.jobs.evaluate import SUMMARY_KEYS, evaluate_folder
-from rival_jax.jobs.manifest import read_rows
 from rival_jax.jobs.options import DEFAULT_BATCH_SIZE, AblateOptions
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
@@ -108,7 +108,8 @@ def run_ablation(
     output = Path(output)
     table = []
     for setting in settings:
-        rows, problems = read_rows(source, {**base, **setting.overrides}, model)
+        listing = list_rows(source, {**base, **setting.overrides}, model=model)
+        rows, problems = listing.rows, listing.problems
         if not rows:
             raise RivalError(f"{source} has no usable exemplar ({'; '.join(problems) or 'it is empty'})")
         folder = output / setting.name
@@ -196,7 +197,8 @@ def run_job(job: AblateOptions, options: RunOptions, row: dict[str, Any]) -> int
     inception = Path(job.inception) if job.inception else None
     if inception is not None and not inception.is_file():
         raise RivalError(f"--inception {inception} does not exist: give the FID Inception weights file")
-    rows, problems = read_rows(job.source, row, str(job.model))
+    listing = list_rows(job.source, row, model=str(job.model))
+    rows, problems = listing.rows, listing.problems
     if not rows:
         raise RivalError(f"{job.source} has no usable exemplar ({'; '.join(problems) or 'it is empty'})")
     prepare_runtime(job)

@@ -1,17 +1,19 @@
 """Resumable dataset-augmentation jobs: many exemplars, many variations each, any number of hosts.
 
-A job reads a manifest (CSV or JSONL; columns `image` plus any row setting of `settings.ROW_FIELDS`)
-or a folder of images, and writes `images/r<row>_<stem>_v<index>.png` plus one JSONL record per
-image into the output folder. Every image file is written atomically and carries its job key in a
-PNG text chunk; its record is appended (and fsynced) afterwards. A restarted job skips every image
-that has a record or a file carrying the right key, so killing it at any moment loses, duplicates
-or truncates nothing and regenerates nothing that was finished.
+A job lists its source's rows (`data.sources.list_rows`: folders, manifests, Parquet, WebDataset,
+`datasets`; no image is read yet), takes this process's share of the (row, variation) items by
+stable row id, reads and hashes only those exemplars (`load_row`: the job key changes whenever the
+output would), and hands every variation to a sink (`data.sinks.open_sink`: image files with a
+Hugging Face `metadata.jsonl`, WebDataset shards or Parquet) that commits it atomically and records
+it. A restarted job skips every item the sink reports finished, so a kill loses, duplicates or
+truncates nothing and regenerates nothing that was finished; names and seeds come from row ids, so
+inserting, removing or reordering sources generates only what is new.
 
-Work is split into contiguous blocks of (row, variation) items, one block per process, so hosts
-share nothing but the output folder; each process's records go to its own file.
-
-Manifests are read by `jobs.manifest`.
-With `overwrite` a job starts over: the images its records list are removed and generated again.
+With `--keep-best`/`--min-clip-image` (`jobs.filtering`) a variation is scored by CLIP against its
+exemplar; dropped variations are recorded too (image-less), so a rerun does not make them again.
+Work is split into contiguous blocks, one per process (`--shard I/N` or jax.distributed; whole rows
+with `--keep-best`), so hosts share nothing but the output; each process's records go to its own file.
+With `overwrite` a job starts over: what this process's records list is removed and generated again.
 """
 
 from __future__ import annotations
@@ -20,28 +22,22 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from PIL import Image
 from tqdm.auto import tqdm
 
-from rival_jax import files
-from rival_jax.jobs.common import (
-    Interrupted,
-    check_control,
-    load_pipeline,
-    log,
-    one_line,
-    prepare_runtime,
-    show_progress,
-)
-from rival_jax.jobs.hosts import initialize_distributed, process_share
+from rival_jax.data.sinks import Item, OutputSpec, open_sink
+from rival_jax.data.sources import Row, list_rows, load_row
+from rival_jax.errors import RivalError
+from rival_jax.jobs.common import Interrupted, check_control, load_pipeline, log, one_line, prepare_runtime
+from rival_jax.jobs.common import show_progress as progress_wanted
+from rival_jax.jobs.filtering import ClipFilter, Decision
+from rival_jax.jobs.hosts import job_position, process_share
 from rival_jax.jobs.locks import check_output, output_lock
-from rival_jax.jobs.manifest import Row, read_rows
 from rival_jax.jobs.options import DEFAULT_BATCH_SIZE, AugmentOptions
-from rival_jax.jobs.records import RecordLog, finished_items, new_record, remove_stale_temporaries
-from rival_jax.jobs.row_groups import run_rows
+from rival_jax.jobs.row_groups import Exemplar, run_rows
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
@@ -53,13 +49,15 @@ class Summary:
     already_done: int = 0
     skipped_rows: int = 0
     failed_rows: int = 0
+    dropped: int = 0
+    converted: int = 0
     seconds: float = 0.0
     compile_seconds: float = 0.0
     problems: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
-        """Generation rate, compile time excluded."""
+        """Generation rate (dropped images included: the model made them), compile time excluded."""
         running = self.seconds - self.compile_seconds
         return self.generated / running if running > 0 else 0.0
 
@@ -69,11 +67,42 @@ class Summary:
         return 1 if self.skipped_rows or self.failed_rows else 0
 
     def line(self) -> str:
+        dropped = f" ({self.dropped} dropped by the CLIP filters)" if self.dropped else ""
         return (
-            f"done: {self.generated} generated ({self.images_per_second:.2f} img/s, compile "
+            f"done: {self.generated} generated{dropped} ({self.images_per_second:.2f} img/s, compile "
             f"{self.compile_seconds:.1f} s excluded), {self.already_done} already done; "
             f"rows skipped: {self.skipped_rows}, rows failed: {self.failed_rows}"
         )
+
+
+def metadata(row: Row, random_weights: bool, decision: Decision | None = None) -> dict[str, Any]:
+    """What a variation's record and metadata say: the row's columns, then its label, identity, seed,
+    prompt and settings, and the filters' CLIP score and verdict when they ran."""
+    settings = {k: v for k, v in row.settings.items() if k != "config"}
+    described = {
+        **row.entry.columns,
+        "label": row.label,
+        "source_id": row.id,
+        "source": row.entry.origin,
+        "seed": settings["seed"],
+        "prompt": settings["prompt"],
+        "settings": settings,
+        "random_weights": random_weights,
+    }
+    if decision is not None:
+        described |= {"clip_image": decision.score, "dropped": not decision.kept}
+    return described
+
+
+def _shares(rows: list[Row], index: int, count: int, whole_rows: bool) -> list[tuple[Row, list[int]]]:
+    """This process's (row, variation indices): a contiguous block of items, or of whole rows."""
+    if whole_rows:
+        return [(row, list(range(row.settings["num_variations"]))) for row in process_share(rows, index, count)]
+    shares: dict[str, tuple[Row, list[int]]] = {}
+    items = [(row, i) for row in rows for i in range(row.settings["num_variations"])]
+    for row, i in process_share(items, index, count):
+        shares.setdefault(row.id, (row, []))[1].append(i)
+    return list(shares.values())
 
 
 def run_augment(
@@ -87,80 +116,122 @@ def run_augment(
     show_progress: bool = True,
     log: Callable[[str], None] = log,
     overwrite: bool = False,
+    *,
+    spec: OutputSpec | None = None,
+    model: str | None = None,
+    clip_filter: ClipFilter | None = None,
 ) -> Summary:
     """Generate every missing (row, variation) of this process's share into `output`.
 
-    `problems` are the rows `read_rows` could not use; process 0 reports and counts them. With
-    `overwrite` the images this process's records list, and the records, are removed first: the
-    job starts over (files no record lists are never removed; images of the same names are replaced).
-    Interrupted (Ctrl-C), it raises `Interrupted` saying how many images are finished: every one of
-    them is whole and recorded, so a rerun resumes after them.
+    Args:
+        pipe: the loaded `RivalPipeline`.
+        rows: `list_rows(...).rows`, sorted by id; `problems`: its problem lines (process 0 reports and counts them).
+        output: folder or fsspec URL; `spec` says how it is written (default: PNG files + metadata.jsonl).
+        model: the model's name in every row's job key (default: the pipeline's folder).
+        clip_filter: `--keep-best`/`--min-clip-image`; a row below its `keep_best` is skipped.
+        overwrite: remove what this process's records list, and start over.
+
+    Interrupted (Ctrl-C), it commits what is finished and raises `Interrupted` saying how much: every
+    item is whole and recorded, so a rerun resumes after them.
+
+    >>> listing = list_rows("train/", {"steps": 50}, model="tiny")
+    >>> run_augment(pipe, listing.rows, "out", problems=listing.problems, spec=OutputSpec("webdataset"))
     """
-    output = Path(output)
-    image_dir = output / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(image_dir)
-    records = RecordLog(output / f"records-{process_index:04d}.jsonl")
-    if overwrite:
-        log(f"--overwrite: removed {records.start_over(output)} images the earlier run recorded in {output}")
-    done = set() if overwrite else finished_items(output)
+    model = str(pipe.models.path) if model is None else model
+    sink = open_sink(os.fspath(output), spec or OutputSpec(), process=process_index, overwrite=overwrite, log=log)
+    done = sink.finished()
     summary = Summary()
+    usable = []
+    for row in rows:
+        try:
+            if clip_filter is not None:
+                clip_filter.check_row(row.settings["num_variations"])
+            usable.append(row)
+        except RivalError as error:
+            problems = [*problems, one_line(f"row {row.id} skipped: {error}")]
     if process_index == 0:
         summary.skipped_rows, summary.problems = len(problems), list(problems)
         for problem in problems:
             log(problem)
-    items = process_share(
-        [(row, i) for row in rows for i in range(row.settings["num_variations"])], process_index, process_count
-    )
-    todo: dict[int, list[int]] = {}
-    by_number = {row.number: row for row in rows}
-    for row, index in items:
-        if (row.key, index) in done:
-            summary.already_done += 1
-        elif not overwrite and (files.png_metadata(image_dir / row.file_name(index)) or {}).get("key") == row.key:
-            records.append(new_record(row, index, pipe.random_weights, adopted=True))
-            summary.already_done += 1
-        else:
-            todo.setdefault(row.number, []).append(index)
-    started = time.perf_counter()
-    bar = tqdm(
-        total=sum(map(len, todo.values())), unit="img", desc="augment", disable=not show_progress, file=sys.stderr
-    )
+    whole_rows = clip_filter is not None and clip_filter.keep_best is not None
+    shares = _shares(usable, process_index, process_count, whole_rows)
+    total = sum(len(indices) for _, indices in shares)
+    bar = tqdm(total=total, unit="img", desc="augment", disable=not show_progress, file=sys.stderr)
+    wanted: dict[str, set[int]] = {}
 
-    def save(row: Row, index: int, image: Any) -> None:
-        files.save_png(image, image_dir / row.file_name(index), {"key": row.key, "variation_index": index})
-        records.append(new_record(row, index, pipe.random_weights))
-        summary.generated += 1
-        bar.update(1)
-
-    def report(number: int, kind: str, message: str) -> None:
+    def report(row_id: str, kind: str, message: str) -> None:
         if kind == "skipped":
             summary.skipped_rows += 1
-            bar.update(len(todo[number]))
+            bar.update(len(wanted.pop(row_id, ())))
         else:
             summary.failed_rows += 1
-        summary.problems.append(one_line(f"row {number} {kind}: {message}"))
+        summary.problems.append(one_line(f"row {row_id} {kind}: {message}"))
         log(summary.problems[-1])
 
+    def work() -> Iterator[tuple[Exemplar, list[int]]]:
+        for row, indices in shares:
+            try:
+                image, key, converted = load_row(row, model=model)
+            except RivalError as error:
+                wanted[row.id] = set(indices)
+                report(row.id, "skipped", str(error))
+                continue
+            summary.converted += converted
+            todo = [i for i in indices if (key, i) not in done]
+            summary.already_done += len(indices) - len(todo)
+            bar.update(len(indices) - len(todo))
+            if todo:
+                wanted[row.id] = set(todo)
+                yield Exemplar(row, image, key), indices if whole_rows else todo
+
+    def save(exemplar: Exemplar, made: list[tuple[int, Image.Image]]) -> None:
+        """A row's variations (all of them when filtering: CLIP scores a row at once), kept or dropped."""
+        row, images = exemplar.row, dict(made)
+        decisions = clip_filter.decide(exemplar.image, images) if clip_filter else [None] * len(made)
+        for (index, image), decision in zip(made, decisions, strict=True):
+            if index not in wanted.get(row.id, ()):
+                continue  # finished before: made again only for --keep-best's ranking
+            kept = decision is None or decision.kept
+            described = metadata(row, pipe.random_weights, decision)
+            sink.add(Item(exemplar.key, index, row.name, described, exemplar.image.size), image if kept else None)
+            summary.generated += 1
+            summary.dropped += not kept
+            bar.update(1)
+
+    started = time.perf_counter()
     try:
         with CompileTimer() as compiling, bar:
-            work = [(by_number[number], indices) for number, indices in todo.items()]
-            run_rows(pipe, work, batch_size, save, report)
+            run_rows(pipe, work(), batch_size, save, report, whole_rows=clip_filter is not None)
     except KeyboardInterrupt:
+        sink.close()
         finished = summary.generated + summary.already_done
-        raise Interrupted(f"{finished} of {len(items)} images finished in {output}") from None
+        raise Interrupted(f"{finished} of {total} images finished in {output}") from None
+    sink.close()
     summary.seconds, summary.compile_seconds = time.perf_counter() - started, compiling.seconds
+    if summary.converted:
+        log(f"{summary.converted} exemplars were converted to RGB (grayscale, CMYK or palette; alpha over white)")
     return summary
 
 
-def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> int:
-    """`rival-jax augment`: this process's share of a manifest or image folder, resumable.
+def _clip_filter(job: AugmentOptions) -> ClipFilter | None:
+    from rival_jax.metrics.clip import load_clip
 
-    Every input and the output folder are checked, and the folder locked for this process index,
+    if not job.filters:
+        return None
+    clip = load_clip(job.scoring_clip, job.cache_dir or True)
+    weights = " (random weights: the scores mean nothing)" if clip.random_weights else ""
+    log(f"filters: CLIP {job.scoring_clip}{weights}; keep best {job.keep_best}, min clip_image {job.min_clip_image}")
+    return ClipFilter(clip, job.keep_best, job.min_clip_image)
+
+
+def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> int:
+    """`rival-jax augment`: this process's share of a dataset, resumable.
+
+    Every input and the output are checked, and a local output folder locked for this process index,
     before a model loads.
 
     Args:
-        job: the job options (source, batch size, output, the multi-host options, ...).
+        job: the job options (source, output and its format, filters, batch size, the multi-host options, ...).
         options: the pipeline's run options.
         row: settings every row starts from (a manifest row overrides them).
 
@@ -169,26 +240,36 @@ def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> in
 
     >>> run_job(AugmentOptions(source="photos/", output="augmented"), RunOptions(), {"steps": 50})
     """
-    check_control(options, merge_settings(row))
+    from rival_jax.metrics.clip import check_clip_name
+
+    defaults = merge_settings(row)
+    check_control(options, defaults)
+    if job.filters:
+        check_clip_name(job.scoring_clip)
+        ClipFilter(None, job.keep_best).check_row(defaults["num_variations"])
     output = check_output(job.output)
-    rows, problems = read_rows(job.source, row, str(job.model))
-    process_index, process_count = 0, 1
-    if job.multi_host:
-        process_index, process_count = initialize_distributed(job.coordinator, job.num_processes, job.process_id)
+    listing = list_rows(job.source, row, model=str(job.model), split=job.split, prompt_column=job.prompt_column)
+    if listing.extra_columns:
+        log(f"columns carried into the metadata (not settings): {', '.join(listing.extra_columns)}")
+    process_index, process_count = job_position(job)
+    if process_count > 1:
         log(f"process {process_index} of {process_count}")
     with output_lock(output, process_index):
         prepare_runtime(job)
         pipe = load_pipeline(job, options)
         summary = run_augment(
             pipe,
-            rows,
+            listing.rows,
             output,
             batch_size=job.batch_size,
             process_index=process_index,
             process_count=process_count,
-            problems=problems,
-            show_progress=show_progress(job),
+            problems=listing.problems,
+            show_progress=progress_wanted(job),
             overwrite=job.overwrite,
+            spec=job.output_spec,
+            model=str(job.model),
+            clip_filter=_clip_filter(job),
         )
     log(summary.line())
     print(output)

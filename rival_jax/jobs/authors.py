@@ -17,8 +17,8 @@
 
 Their masks are black where to regenerate and at the latent size (64x64 for 512x512 exemplars);
 rival-jax's are white where to regenerate and at the exemplar's size, so each is converted once into
-the cache (`authors-masks/`, named by content). `exp_name` names the experiment only (output files
-are named by row, as in every augment job), and `mode` names the ControlNet their script loaded
+the cache (`authors-masks/`, named by content). `exp_name` is the row's id (its
+output files are named after it, and its seed derives from it), and `mode` names the ControlNet their script loaded
 (lllyasviel/sd-controlnet-<mode>): pass the matching `--controlnet`.
 
 >>> settings = inference_settings(json.load(open("configs/rival_variation.json")), "rival_variation.json")
@@ -163,7 +163,7 @@ def _converted_mask(mask: Path, exemplar: Path) -> str:
 def image_entries(path: Path, defaults: dict[str, Any]) -> list[tuple[int, dict[str, Any] | RivalError]]:
     """(row number, manifest row or the reason it is unusable) for each of an image config's `image_exps`.
 
-    A row's keys are manifest columns (`image` plus settings); paths are absolute. Unknown keys
+    A row's keys are manifest columns (`image`, `id` from `exp_name`, settings); paths are absolute. Unknown keys
     anywhere are an error for the whole file (before any compute).
 
     Args:
@@ -190,6 +190,8 @@ def image_entries(path: Path, defaults: dict[str, Any]) -> list[tuple[int, dict[
             continue
         image = root / str(row["image_path"])
         entry: dict[str, Any] = {"image": str(image), "prompt": str(row.get("prompt", "")) + postfix}
+        if "exp_name" in row:
+            entry["id"] = str(row["exp_name"])
         if negative:
             entry["negative_prompt"] = str(defaults.get("negative_prompt", "")) + negative
         if invert_with_original and "prompt_ori" in row:

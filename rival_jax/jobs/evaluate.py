@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from rival_jax import files, images
+from rival_jax.data.records import RECORDS_GLOB
+from rival_jax.data.storage import is_url
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import log
 from rival_jax.jobs.locks import SIDECAR
 from rival_jax.jobs.options import DEFAULT_CLIP, EvaluateOptions
-from rival_jax.jobs.records import RECORDS_GLOB, read_records
+from rival_jax.jobs.records import read_records
 from rival_jax.metrics.clip import check_clip_name, cosine, load_clip, mean_pairwise_distance
 from rival_jax.metrics.kid import kid
 from rival_jax.metrics.palette import palette, palette_distance
@@ -86,6 +88,8 @@ def _read_traces(folder: Path) -> dict | None:
 
 def read_folder(folder: str | Path) -> FolderImages:
     """The images of a `generate` (its sidecar) or `augment` (its records) folder, every file checked to exist."""
+    if is_url(folder):
+        raise RivalError(f"{folder} is a URL: evaluate reads local folders; copy the output to a local folder first")
     folder = Path(folder)
     if not folder.is_dir():
         raise RivalError(f"output folder {folder} does not exist: pass the -o folder of generate or augment")
@@ -187,7 +191,7 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def evaluate_folder(
-    folder: Path,
+    folder: str | Path,
     clip: str = DEFAULT_CLIP,
     inception: Path | None = None,
     kid_features: str | None = None,
@@ -215,7 +219,6 @@ def evaluate_folder(
 
     >>> evaluate_folder(Path("rival-output"), clip="openai/clip-vit-large-patch14")["clip_image"]
     """
-    folder = Path(folder)
     checked = EvaluateOptions(folder=folder, clip=clip, inception=inception, kid_features=kid_features, seed=seed)
     kid_features = checked.features
     if inception is not None:
@@ -224,6 +227,7 @@ def evaluate_folder(
         inception = check_inception_file(inception)
     check_clip_name(str(clip))
     outputs = read_folder(folder)
+    folder = Path(folder)
     started = time.perf_counter()
     scorer = _clip(str(clip), Path(cache_dir) if cache_dir else None)
     if scorer.random_weights:
@@ -255,7 +259,7 @@ def run_job(job: EvaluateOptions) -> int:
     0
     """
     summary = evaluate_folder(
-        Path(job.folder),
+        job.folder,
         clip=job.clip,
         inception=Path(job.inception) if job.inception else None,
         kid_features=job.kid_features,

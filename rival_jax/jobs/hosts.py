@@ -1,14 +1,27 @@
-"""Work across processes (TPU pod hosts, multi-node GPU): `jax.distributed` names each process, and each
-takes its own contiguous block of the work (`process_share`) and writes its own files."""
+"""Work across processes (TPU pod hosts, multi-node GPU, independent machines): `jax.distributed` or `--shard I/N`
+names each process, and each takes its own contiguous block of the work (`process_share`) and writes its own files."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 
 T = TypeVar("T")
+
+
+def job_position(job: Any) -> tuple[int, int]:
+    """(process index, process count) of an augment job: `--shard I/N`, else jax.distributed's, else (0, 1).
+
+    >>> job_position(AugmentOptions(source="train/", shard="1/4"))
+    (1, 4)
+    """
+    if job.shard_position is not None:
+        return job.shard_position
+    if job.multi_host:
+        return initialize_distributed(job.coordinator, job.num_processes, job.process_id)
+    return 0, 1
 
 
 def initialize_distributed(

@@ -2,9 +2,11 @@
 
 Policy (README, "Output folders"):
 - `-o` must be a folder or a path where one can be created and written; checked before a model loads.
+  An fsspec URL (`s3://bucket/out`) must have its protocol installed and must not name a file.
 - A run holds a lock on its folder (`.rival-jax-<process>.lock`, an `flock` plus the holder's pid):
   a second run on the same folder (and process index) refuses in one line. The kernel releases the
-  lock when its holder exits, however it exits, so a stale lock file is simply taken over.
+  lock when its holder exits, however it exits, so a stale lock file is simply taken over. A URL output is
+  not locked (object stores offer no lock): give each run its own process index or its own output.
 - `generate` refuses a folder that holds an earlier result (its sidecar `SIDECAR` or a file of the names it
   writes) unless `--overwrite`; then it removes exactly the files the earlier sidecar recorded,
   right before writing its own. Files no run recorded are never removed.
@@ -20,14 +22,31 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from rival_jax.data import storage
 from rival_jax.errors import RivalError
 
 # The JSON file `generate` writes beside its images: settings, timings and the files it wrote.
 SIDECAR = "rival.json"
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    """`path` as an output folder that exists or can be created and written; nothing is created here."""
+def check_output(path: str | os.PathLike) -> Path | str:
+    """`path` as an output folder that exists or can be created and written (or a URL, kept as it is, whose
+    protocol is installed and which names no file); nothing is created here.
+
+    >>> check_output("s3://bucket/augmented")
+    's3://bucket/augmented'
+    """
+    if storage.is_url(path):
+        fs, inside = storage.filesystem(path)
+        try:
+            is_file = fs.isfile(inside)
+        except (OSError, ValueError) as error:
+            raise RivalError(
+                f"output {path} cannot be reached ({type(error).__name__}): check the URL and credentials"
+            ) from None
+        if is_file:
+            raise RivalError(f"output {path} is a file, not a folder: pass a folder URL with -o")
+        return os.fspath(path)
     output = Path(path)
     if output.exists() and not output.is_dir():
         raise RivalError(f"output {output} is a file, not a folder: pass a folder with -o")
@@ -45,11 +64,14 @@ def check_output(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike, process_index: int = 0) -> Iterator[Path]:
-    """Create `folder` and hold its lock for this process index while the context runs.
+def output_lock(folder: str | os.PathLike, process_index: int = 0) -> Iterator[Path | str]:
+    """Create `folder` and hold its lock for this process index while the context runs; a URL is not locked.
 
     A folder this call created is removed again on exit if the run left nothing in it.
     """
+    if storage.is_url(folder):
+        yield os.fspath(folder)
+        return
     folder = Path(folder)
     created = [] if folder.is_dir() else [p for p in (folder, *folder.parents) if not p.exists()]
     try:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from typing import Any, ClassVar
 
+from rival_jax.data.encoding import IMAGE_FORMATS
+from rival_jax.data.sinks import FORMATS, OutputSpec
 from rival_jax.errors import RivalError
 from rival_jax.models.families import FAMILIES
 from rival_jax.options import option
@@ -24,7 +27,8 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SWEEP = (400, 600, 800)
 KID_FEATURES = ("inception", "clip")
-MANIFEST_HELP = "manifest (.csv or .jsonl with an 'image' column) or a folder of images"
+MANIFEST_HELP = "image folder (ImageFolder), .csv/.jsonl manifest, .parquet, WebDataset .tar, datasets folder; or URL"
+SHARD_PATTERN = re.compile(r"^(\d+)/(\d+)$")
 
 
 def _accepted(hint: Any) -> tuple[Any, ...]:
@@ -123,17 +127,40 @@ class BatchedOptions(JobOptions):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AugmentOptions(BatchedOptions):
-    """`rival-jax augment`: a resumable job over a manifest or folder, on one host or several."""
+    """`rival-jax augment`: a resumable job over a dataset (folder, manifest, Parquet, WebDataset), on one host or
+    several, written as image files, WebDataset shards or Parquet, optionally filtered by CLIP similarity.
 
-    HELP: ClassVar[str] = "resumable variation job over a manifest or a folder of images"
-    coordinator: str | None = option(
-        None, "jax.distributed coordinator host:port (multi-host runs)", kind="host:port text"
+    >>> AugmentOptions(source="train/", output="out", output_format="webdataset", keep_best=2, shard="0/4")
+    """
+
+    HELP: ClassVar[str] = "resumable variation job over a dataset: folders, manifests, Parquet, WebDataset"
+    split: str | None = option(None, "split of a datasets folder or hub dataset (default: train)", kind="a split name")
+    prompt_column: str | None = option(None, "column of each row's prompt (e.g. caption)", kind="a column name")
+    output_format: str = option("files", "files, webdataset or parquet (default: files)", FORMATS, kind="text")
+    image_format: str = option("png", "png, jpeg or webp (default: png)", IMAGE_FORMATS, kind="an image format")
+    quality: int = option(95, "jpeg/webp quality, 1-100 (default: 95)", kind="an integer")
+    output_size: str = option(
+        "model", "written size: model (as generated), source (the exemplar's) or WxH", kind="model, source or WxH"
     )
+    shard_size: int = option(1000, "samples per WebDataset shard or Parquet file (default: 1000)", kind="an integer")
+    min_clip_image: float | None = option(
+        None, "drop variations less CLIP-similar to the exemplar", type=float, kind="a number"
+    )
+    keep_best: int | None = option(
+        None, "keep the K of -n variations most CLIP-similar to the exemplar", type=int, kind="an integer"
+    )
+    clip: str | None = option(
+        None, "CLIP of the filters (default: tiny with --model tiny*, else ViT-L/14)", kind="a path or hub id"
+    )
+    shard: str | None = option(None, "do share I of N of the job (I/N, 0-based) on independent machines", kind="I/N")
+    coordinator: str | None = option(None, "jax.distributed coordinator host:port (multi-host runs)", kind="host:port")
     num_processes: int | None = option(None, "number of processes (multi-host runs)", type=int, kind="an integer")
     process_id: int | None = option(None, "this process's index (multi-host runs)", type=int, kind="an integer")
     distributed: bool = option(False, "jax.distributed with auto-detected cluster", kind="a boolean")
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_clip_image, int) and not isinstance(self.min_clip_image, bool):
+            object.__setattr__(self, "min_clip_image", float(self.min_clip_image))
         super().__post_init__()
         given = [name for name in ("num_processes", "process_id") if getattr(self, name) is not None]
         if given and not self.multi_host:
@@ -142,11 +169,46 @@ class AugmentOptions(BatchedOptions):
                 f"{flags} {'need' if len(given) > 1 else 'needs'} --coordinator HOST:PORT (or --distributed): "
                 "without one every process would do the whole job"
             )
+        if self.shard is not None and self.multi_host:
+            raise RivalError(
+                "--shard splits a job without jax.distributed: drop --coordinator/--distributed, or drop --shard"
+            )
+        self.shard_position  # noqa: B018 - validates --shard
+        self.output_spec  # noqa: B018 - validates the output options
+        if self.keep_best is not None and self.keep_best < 1:
+            raise RivalError(f"--keep-best {self.keep_best} is out of range: use an integer >= 1 (at most -n)")
+        if self.min_clip_image is not None and not -1.0 <= self.min_clip_image <= 1.0:
+            raise RivalError(f"--min-clip-image {self.min_clip_image} is out of range: a cosine similarity in -1..1")
 
     @property
     def multi_host(self) -> bool:
         """Whether the job joins a jax.distributed cluster."""
         return bool(self.coordinator or self.distributed)
+
+    @property
+    def shard_position(self) -> tuple[int, int] | None:
+        """--shard I/N as (I, N), validated; None without --shard."""
+        if self.shard is None:
+            return None
+        match = SHARD_PATTERN.match(self.shard.strip())
+        if not match or not int(match[1]) < int(match[2]):
+            raise RivalError(f"--shard {self.shard!r} is not a share: use I/N with 0 <= I < N (e.g. 0/4)")
+        return int(match[1]), int(match[2])
+
+    @property
+    def output_spec(self) -> OutputSpec:
+        """How the sink writes (`data.sinks.OutputSpec`), validated."""
+        return OutputSpec(self.output_format, self.image_format, self.quality, self.output_size, self.shard_size)
+
+    @property
+    def filters(self) -> bool:
+        """Whether variations are scored by CLIP (--keep-best or --min-clip-image)."""
+        return self.keep_best is not None or self.min_clip_image is not None
+
+    @property
+    def scoring_clip(self) -> str:
+        """The CLIP of the filters, by ablate's rule (`AblateOptions.scoring_clip`)."""
+        return AblateOptions.scoring_clip.fget(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,38 +5,81 @@ prompt empty or not) and method settings, are gathered `RunOptions.exemplar_batc
 (default: one per local device) and run through `RivalPipeline.invert_many` / `generate_many`; other
 rows (ControlNet maps, or an exemplar batch of 1) run one at a time. Every image is still variation i of its row's
 seed, whatever it was batched with. If a batch fails, its rows are retried one at a time, so only a
-bad row is reported as failed.
+bad row is reported as failed. With `whole_rows` (the job's CLIP filters) a row's images are
+held until all of its variations are made and saved together.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from PIL import Image
 
+from rival_jax import images
 from rival_jax.errors import RivalError
-from rival_jax.jobs.common import read_exemplar
 from rival_jax.jobs.settings import generation_arguments
 from rival_jax.pipeline import ExemplarGroup, Request
 from rival_jax.pipeline.inputs import context_count
 
-# save(row, variation index, image); report(row number, "skipped" | "failed", message)
-Save = Callable[[Any, int, Image.Image], None]
-Report = Callable[[int, str, str], None]
+
+@dataclasses.dataclass(frozen=True)
+class Exemplar:
+    """A row as its process read it: the source's row (`data.sources.Row`), its RGB image and its job key."""
+
+    row: Any
+    image: Image.Image
+    key: str
+
+
+# save(exemplar, [(variation index, image), ...]); report(row id, "skipped" | "failed", message)
+Save = Callable[[Exemplar, list[tuple[int, Image.Image]]], None]
+Report = Callable[[str, str, str], None]
 
 
 @dataclasses.dataclass
 class Pending:
-    """A row read and waiting for its batch: the variations still to make and what has been saved."""
+    """A row read and waiting for its batch: the variations still to make and the images made so far."""
 
-    row: Any
+    exemplar: Exemplar
     indices: list[int]
-    exemplar: Image.Image
     mask: Image.Image | None
     control_maps: list | None
-    done: set[int] = dataclasses.field(default_factory=set)
+    whole_row: bool
+    made: dict[int, Image.Image] = dataclasses.field(default_factory=dict)
+
+    @property
+    def row(self) -> Any:
+        return self.exemplar.row
+
+    def add(self, index: int, image: Image.Image, save: Save) -> None:
+        """Keep variation `index`; save it now, or the whole row once its last variation is made."""
+        self.made[index] = image
+        if not self.whole_row:
+            save(self.exemplar, [(index, image)])
+        elif len(self.made) == len(self.indices):
+            save(self.exemplar, sorted(self.made.items()))
+
+
+def read_extras(
+    exemplar: Image.Image, settings: dict[str, Any], options: Any
+) -> tuple[Image.Image | None, list | None]:
+    """A row's mask and ControlNet maps (files at the exemplar's size, or "canny"), the exemplar's size checked."""
+    images.check_exemplar_size(exemplar.size, options.size, options.square_crop)
+    mask = images.open_mask(settings["mask"], exemplar.size) if settings["mask"] else None
+    entries = settings["control_image"]
+    if entries is None:
+        return mask, None
+    entries = entries if isinstance(entries, list) else [entries]
+    maps = [entry if entry == "canny" else images.open_image(entry, "control image") for entry in entries]
+    for entry in maps:
+        if entry != "canny" and entry.size != exemplar.size:
+            raise RivalError(
+                f"control image {entry.filename or ''} is {entry.size[0]}x{entry.size[1]} but the exemplar "
+                f"is {exemplar.size[0]}x{exemplar.size[1]}: make the map at the exemplar's size"
+            )
+    return mask, maps
 
 
 def exemplar_batch(pipe: Any) -> int:
@@ -50,27 +93,32 @@ def group_key(pipe: Any, pending: Pending) -> tuple | None:
         return None
     settings = pending.row.settings
     contexts = context_count(settings["inversion_prompt"])
-    return (pipe.image_size(pending.exemplar.size), settings["steps"], contexts, settings["config"])
+    return (pipe.image_size(pending.exemplar.image.size), settings["steps"], contexts, settings["config"])
 
 
-def run_rows(pipe: Any, work: list[tuple[Any, list[int]]], batch_size: int, save: Save, report: Report) -> None:
-    """Generate `work` ((row, variation indices) in order) in batches of compatible rows.
+def run_rows(
+    pipe: Any,
+    work: Iterable[tuple[Exemplar, list[int]]],
+    batch_size: int,
+    save: Save,
+    report: Report,
+    whole_rows: bool = False,
+) -> None:
+    """Generate `work` ((exemplar, variation indices), read lazily, in order) in batches of compatible rows.
 
-    Unreadable rows are reported "skipped" (their variations count as handled); rows whose
-    generation raises are reported "failed" and the job goes on.
+    Rows whose mask, maps or size are unusable are reported "skipped" (their variations count as
+    handled); rows whose generation raises are reported "failed" and the job goes on. With
+    `whole_rows` each row is saved once, all its variations together.
     """
     count = exemplar_batch(pipe)
     waiting: dict[tuple, list[Pending]] = {}
-    for row, indices in work:
+    for exemplar, indices in work:
         try:
-            settings = row.settings
-            exemplar, mask, control_maps = read_exemplar(
-                row.image, settings["mask"], settings["control_image"], pipe.options
-            )
+            mask, control_maps = read_extras(exemplar.image, exemplar.row.settings, pipe.options)
         except RivalError as error:
-            report(row.number, "skipped", str(error))
+            report(exemplar.row.id, "skipped", str(error))
             continue
-        pending = Pending(row, indices, exemplar, mask, control_maps)
+        pending = Pending(exemplar, indices, mask, control_maps, whole_rows)
         key = group_key(pipe, pending) if count > 1 else None
         if key is None:
             _run_alone(pipe, pending, batch_size, save, report)
@@ -82,32 +130,27 @@ def run_rows(pipe: Any, work: list[tuple[Any, list[int]]], batch_size: int, save
         _run_group(pipe, group, batch_size, count, save, report)
 
 
-def _save(pending: Pending, save: Save, index: int, image: Image.Image) -> None:
-    save(pending.row, index, image)
-    pending.done.add(index)
-
-
 def _run_alone(pipe: Any, pending: Pending, batch_size: int, save: Save, report: Report) -> None:
     try:
         settings = {**pending.row.settings, "control_image": pending.control_maps}
-        chain = pipe.invert(pending.exemplar, settings["inversion_prompt"], settings["steps"])
-        todo = [index for index in pending.indices if index not in pending.done]
+        chain = pipe.invert(pending.exemplar.image, settings["inversion_prompt"], settings["steps"])
+        todo = [index for index in pending.indices if index not in pending.made]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             arguments = generation_arguments(settings)
             out = pipe.generate(chain, **arguments, mask=pending.mask, variation_indices=chunk, batch_size=batch_size)
             for index, image in zip(chunk, out.images, strict=True):
-                _save(pending, save, index, image)
+                pending.add(index, image, save)
     except Exception as error:  # one bad exemplar must not stop a long job
-        report(pending.row.number, "failed", f"{type(error).__name__}: {error}".splitlines()[0])
+        report(pending.row.id, "failed", f"{type(error).__name__}: {error}".splitlines()[0])
 
 
 def _run_group(pipe: Any, group: list[Pending], batch_size: int, count: int, save: Save, report: Report) -> None:
-    """One exemplar batch; on any error its rows are retried alone, each keeping what it saved."""
+    """One exemplar batch; on any error its rows are retried alone, each keeping what it made."""
     try:
         settings = [pending.row.settings for pending in group]
         prompts = [s["inversion_prompt"] for s in settings]
-        chains = pipe.invert_many([pending.exemplar for pending in group], prompts, settings[0]["steps"])
+        chains = pipe.invert_many([pending.exemplar.image for pending in group], prompts, settings[0]["steps"])
         exemplars = ExemplarGroup(chains)
         chunks = max(-(-len(pending.indices) // batch_size) for pending in group)
         for chunk in range(chunks):
@@ -125,7 +168,7 @@ def _run_group(pipe: Any, group: list[Pending], batch_size: int, count: int, sav
             outs = pipe.generate_many(exemplars, requests, config, batch_size=batch_size, exemplar_count=count)
             for pending, request, out in zip(group, requests, outs, strict=True):
                 for index, image in zip(request.variation_indices, out.images, strict=True):
-                    _save(pending, save, index, image)
+                    pending.add(index, image, save)
     except Exception:  # retried row by row below, so only a bad row fails
         for pending in group:
             _run_alone(pipe, pending, batch_size, save, report)

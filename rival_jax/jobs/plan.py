@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from rival_jax.errors import RivalError
@@ -49,7 +48,6 @@ def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
     dtype = (jnp.bfloat16 if tpu else jnp.float32) if options.dtype == "auto" else resolve_dtype(options.dtype)
     attention = _attention(options.attention, tpu, dtype)
     exemplars, variations = host_work(options.exemplar_batch or 1, settings["num_variations"], target.spec.hosts)
-    jax.config.update("jax_enable_compilation_cache", False)  # compile-only programs cannot be read back
     shapes = model_shapes(job.model, job.family, dtype, options.size, options.square_crop)
     memory = _memory(job, target)
     show = show_progress(job)

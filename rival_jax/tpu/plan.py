@@ -13,14 +13,16 @@ N halved, until something fits (or nothing does at N = 1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from rival_jax.core import parallel
-from rival_jax.core.reference import KEEP_MEMORY_FRACTION
+from rival_jax.core.reference import KEEP_MEMORY_FRACTION, feature_bytes
 from rival_jax.pipeline import programs
 from rival_jax.tpu import shapes as build
 from rival_jax.tpu.shapes import Call, ModelShapes
@@ -137,7 +139,8 @@ class Planner:
         if key not in self._measured:
             self.report(call.label)
             before = self.executables.timings[call.label]["compile_s"]
-            compiled = self.executables.compile(call.label, call.program, False, call.args)
+            with _persistent_cache_off():  # compile-only TPU programs cannot be read back from it
+                compiled = self.executables.compile(call.label, call.program, False, call.args)
             seconds = self.executables.timings[call.label]["compile_s"] - before
             memory = compiled.memory_analysis()
             cost = compiled.cost_analysis()
@@ -189,9 +192,11 @@ class Planner:
         return build.reference(self.shapes, self.statics, padded, work.steps, work.contexts)
 
     def auto_mode(self, work: Work) -> str:
-        """What reference mode "auto" picks in a run: keep when each device's features fit its share."""
-        leaves = jax.tree_util.tree_leaves(self.measure(self._reference_call(work))[1])
-        per_exemplar = sum(x.size * x.dtype.itemsize for x in leaves) // leaves[0].shape[0]
+        """What reference mode "auto" picks in a run: keep when each device's features fit its share (as
+        `RivalPipeline` sizes them, from one traced UNet call)."""
+        contexts = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), self.shapes.cond(work.contexts))
+        unet, params = self.shapes.modules.unet, self.shapes.params["unet"]
+        per_exemplar = feature_bytes(unet, params, self.shapes.latent, contexts, work.steps)
         rows = parallel.exemplar_rows(self.statics.mesh.size, work.exemplars, work.variations)
         per_device = per_exemplar * (parallel.padded_length(work.exemplars, rows) // rows)
         return "keep" if per_device <= KEEP_MEMORY_FRACTION * self.memory else "recompute"
@@ -212,6 +217,16 @@ class Planner:
             if variations == 1:
                 return Plan(asked, None)
             variations //= 2
+
+
+@contextlib.contextmanager
+def _persistent_cache_off() -> Iterator[None]:
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def _shapes(tree: Any) -> tuple:

@@ -19,7 +19,7 @@ from rival_jax.jobs.hosts import process_share
 from rival_jax.jobs.options import PlanOptions
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions, resolve_dtype
-from rival_jax.tpu.targets import GIB, Target, resolve_target
+from rival_jax.tpu.targets import GIB, Target, parse_target, resolve_target
 
 
 def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
@@ -43,11 +43,12 @@ def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
     settings = merge_settings(row)
     if options.controlnet:
         raise RivalError("plan does not cover ControlNets yet: drop --controlnet to plan the run without them")
-    target = resolve_target(job.target)
-    tpu = target.spec.chip is not None
+    spec = parse_target(job.target)
+    tpu = spec.chip is not None
     dtype = (jnp.bfloat16 if tpu else jnp.float32) if options.dtype == "auto" else resolve_dtype(options.dtype)
-    attention = _attention(options.attention, tpu, dtype)
-    exemplars, variations = host_work(options.exemplar_batch or 1, settings["num_variations"], target.spec.hosts)
+    attention = _attention(options.attention, tpu)
+    exemplars, variations = host_work(options.exemplar_batch or 1, settings["num_variations"], spec.hosts)
+    target = resolve_target(job.target)
     shapes = model_shapes(job.model, job.family, dtype, options.size, options.square_crop)
     memory = _memory(job, target)
     show = show_progress(job)
@@ -98,7 +99,7 @@ def host_work(exemplars: int, variations: int, hosts: int) -> tuple[int, int]:
     return len(per_exemplar), max(per_exemplar.values())
 
 
-def _attention(attention: str, tpu: bool, dtype: Any) -> str:
+def _attention(attention: str, tpu: bool) -> str:
     """The injected layers' kernel on the target: auto is pallas on TPU, xla on host devices."""
     if attention == "auto":
         return "pallas" if tpu else "xla"

@@ -180,7 +180,12 @@ def resolve_target(name: str) -> Target:
         topology = topologies.get_topology_desc(
             topology_name=spec.topology, platform="tpu", chips_per_host_bounds=spec.chips_per_host_bounds
         )
-    except RuntimeError as error:  # libtpu's JaxRuntimeError: a shape it does not lay out
+    except RuntimeError as error:  # libtpu's JaxRuntimeError: a shape it does not lay out, or its lock held
+        if "lockfile" in str(error):
+            raise RivalError(
+                "another process holds libtpu (/tmp/libtpu_lockfile): let it finish, or set "
+                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 where no process uses a real TPU (compiling only)"
+            ) from error
         raise RivalError(f"target {name!r}: libtpu cannot lay out {spec.topology} ({error})") from error
     return Target(spec, tuple(topology.devices))
 

@@ -221,12 +221,17 @@ class Planner:
 
 @contextlib.contextmanager
 def _persistent_cache_off() -> Iterator[None]:
+    """JAX decides once whether its cache is used: each switch resets that decision."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def _shapes(tree: Any) -> tuple:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -127,3 +128,10 @@ def test_tiny_sdxl_plans_for_a_multi_host_slice_on_the_first_hosts_chips(capsys:
     assert "16 x TPU v5 lite, 4 hosts, programs on the first's 4 devices" in out
     assert "per host 1 exemplar(s) x 2 variations" in out
     assert "variations per chip-hour" in out and "RIVAL / plain SD = " in out
+
+
+def test_a_model_folder_is_planned_from_its_configs_as_the_built_in_model_it_holds(tiny_flax) -> None:
+    folder, built_in = (model_shapes(m, None, jnp.bfloat16, None, False) for m in (str(tiny_flax), "tiny"))
+    assert (folder.family, folder.latent, folder.size) == (built_in.family, built_in.latent, built_in.size)
+    assert jax.tree_util.tree_structure(folder.params) == jax.tree_util.tree_structure(built_in.params)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(folder.params)} == {jnp.dtype(jnp.bfloat16)}

@@ -280,3 +280,40 @@ COMMANDS: dict[str, type[CommonOptions]] = {
     "ablate": AblateOptions,
     "make-tiny": MakeTinyOptions,
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanOptions(CommonOptions):
+    """`rival-jax plan`: every program of a run compiled for a target it need not have; per-chip memory and cost.
+
+    It takes the run options and settings as `generate` does (`RUN_OPTIONS`), from shapes alone.
+
+    >>> PlanOptions(target="v5e:2x2", family="sdxl")
+    """
+
+    HELP: ClassVar[str] = "compile a run's programs for a TPU slice (or cpu:D) from shapes: memory and cost per chip"
+    RUN_OPTIONS: ClassVar[bool] = True
+    target: str | None = option(
+        None,
+        "machine to compile for: v5e:2x2, v6e:2x4, v4:2x2x1, v5litepod-8, v6e-8, v4-8, cpu:8, ...",
+        kind="a target",
+    )
+    model: str | None = option(
+        None, "diffusers folder (only its configs are read), or tiny, tiny-sd2, tiny-sdxl", kind="a path or model name"
+    )
+    family: str | None = option(None, "a family's full architecture, no weights needed", FAMILIES, kind="a family")
+    chip_memory: float | None = option(
+        None, "GiB one chip may hold (default: its HBM; cpu:D: this host's memory)", type=float, kind="a number"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target is None:
+            raise RivalError("plan needs --target: a TPU topology (v5e:2x2), a Cloud TPU type (v5litepod-8) or cpu:D")
+        if (self.model is None) == (self.family is None):
+            raise RivalError("plan needs one of --model M (a diffusers folder or tiny*) or --family sd1|sd2|sdxl")
+        if self.chip_memory is not None and self.chip_memory <= 0:
+            raise RivalError(f"--chip-memory {self.chip_memory} is out of range: use GiB above 0")
+
+
+COMMANDS["plan"] = PlanOptions

@@ -120,9 +120,9 @@ def _refuse_unsupported(folder: Path, config: dict) -> None:
 def resolve_controlnet_folder(name_or_path: str | os.PathLike, variant: str | None = None) -> Path:
     """The folder holding a ControlNet's config.json and weights; a hub id is downloaded with huggingface_hub.
 
-    A hub download fetches the config first and refuses an unsupported ControlNet before any weights
-    are fetched; then the weights (of `variant` if given, else the plain files, or every variant's
-    where there is no plain file).
+    An unsupported ControlNet is refused from its config alone: a hub download fetches the config
+    first, before any weights are fetched; then the weights (of `variant` if given, else the plain
+    files, or every variant's where there is no plain file).
 
     Args:
         name_or_path: a local ControlNet folder, a pipeline folder with `controlnet/`, or a hub id (org/name).
@@ -132,7 +132,9 @@ def resolve_controlnet_folder(name_or_path: str | os.PathLike, variant: str | No
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _config_folder(path)
+        folder = _config_folder(path)
+        _refuse_unsupported(folder, read_json(folder / "config.json"))
+        return folder
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise RivalError(
@@ -169,7 +171,6 @@ def load_controlnet(
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     folder = resolve_controlnet_folder(name_or_path, variant)
     config = read_json(folder / "config.json")
-    _refuse_unsupported(folder, config)
     module, shapes, rename = build_diffusers_module(controlnet_class(config), config, dtype)
     params, source = load_params(folder, "controlnet", shapes, rename, cache, variant)
     return LoadedControlNet(path=folder, module=module, params=_cast(params, dtype), source=source)

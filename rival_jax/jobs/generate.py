@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rival_jax import files, images
+from rival_jax.data.entries import IMAGE_SUFFIXES
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import (
     Interrupted,
@@ -22,7 +23,6 @@ from rival_jax.jobs.common import (
     show_progress,
 )
 from rival_jax.jobs.locks import SIDECAR, check_generate_output, output_lock, recorded_files, remove_files
-from rival_jax.jobs.manifest import IMAGE_SUFFIXES
 from rival_jax.jobs.options import GenerateOptions
 from rival_jax.jobs.settings import CONTROL_FIELDS, generation_arguments, merge_settings
 from rival_jax.options import RunOptions

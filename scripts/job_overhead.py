@@ -7,6 +7,7 @@ and metadata (`open_sink`, `Sink.add`, `Sink.close`), and the finished set a rer
 milliseconds per image; the CLIP filter's scoring (tiny CLIP) is shown too.
 
     python scripts/job_overhead.py                           # 8 exemplars x 4 variations, 3 steps, 128 px
+    python scripts/job_overhead.py --output-size 512x512    # SD 1.5's output size (resizing included)
     python scripts/job_overhead.py --rows 16 --image-format jpeg
 """
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="DDIM steps (default: 3)")
     parser.add_argument("--side", type=int, default=128, help="exemplar side in pixels (default: 128)")
     parser.add_argument("--image-format", default="png", choices=IMAGE_FORMATS, help="written encoding")
+    parser.add_argument("--output-size", default="model", help="written size: model, source or WxH (e.g. 512x512)")
     args = parser.parse_args()
 
     from rival_jax import RivalPipeline
@@ -88,10 +90,10 @@ def main() -> None:
     print(f"listing the source:                               {_ms(listed, images)} ms/image")
     print(f"reading + hashing exemplars:                      {_ms(read, images)} ms/image")
     print(f"CLIP filter scoring (tiny CLIP):                  {_ms(scoring, images)} ms/image")
-    print(f"format     | {args.image_format} encode + write + records + metadata | finished() on rerun | job total")
+    print(f"writing {args.image_format} at {args.output_size} size: encoding, writes, records, metadata")
     for output_format in FORMATS:
         output = work / f"out-{output_format}"
-        spec = OutputSpec(output_format, args.image_format, shard_size=max(1, images // 2))
+        spec = OutputSpec(output_format, args.image_format, size=args.output_size, shard_size=max(1, images // 2))
         started = time.perf_counter()
         sink = open_sink(str(output), spec, process=0, overwrite=False, log=lambda line: None)
         for row, exemplar, key, variations in generated:
@@ -106,8 +108,8 @@ def main() -> None:
         total = listed + read + written
         share = 100 * total / model_seconds
         print(
-            f"{output_format:10} | {_ms(written, images)} ms/image{'':27} | {_ms(resumed, images)} ms/image"
-            f"     | {_ms(total, images)} ms/image ({share:.1f}% of the tiny model's time)"
+            f"  {output_format:10} write {_ms(written, images)} ms/image, finished() on rerun {_ms(resumed, images)}"
+            f" ms/image; job total {_ms(total, images)} ms/image ({share:.1f}% of the tiny model's time)"
         )
 
 

@@ -197,7 +197,7 @@ def test_keep_best_keeps_the_most_similar_and_records_every_score(tiny_pipe, tre
     clip_filter = ClipFilter(load_clip("tiny", cache_dir=None), keep_best=2, min_clip_image=None)
     output = tmp_path / "best"
     summary = _run(tiny_pipe, tree, output, {**SETTINGS, "num_variations": 3}, clip_filter=clip_filter)
-    assert (summary.generated, summary.dropped) == (9, 3)
+    assert (summary.generated, summary.dropped) == (9, 3) and "3 of them dropped by the CLIP filters" in summary.line()
     records = _records(output)
     assert len(records) == 9
     for source_id in ("cat/a.png", "cat/b.png", "dog/c.png"):
@@ -228,3 +228,25 @@ def test_filters_keep_the_k_best_then_drop_those_below_the_floor(keep_best, floo
     decisions = ClipFilter(_Scores(), keep_best, floor).decide(exemplar, variations)
     assert [d.index for d in decisions if d.kept] == kept
     assert [round(d.score, 2) for d in decisions] == [0.8, 0.2, 1.0, 0.4]
+
+
+def test_an_s3_dataset_augmented_into_s3_shards_resumes_there(s3_bucket, tree, tiny_flax, tmp_path, capsys):
+    import s3fs
+    import webdataset
+
+    from rival_jax.cli import main
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(tree), f"{s3_bucket}/train", recursive=True)
+    argv = ["augment", f"{s3_bucket}/train", "-o", f"{s3_bucket}/out", "--model", str(tiny_flax), *JOB]
+    argv += ["--output-format", "webdataset", "--shard-size", "4"]
+    assert main(argv) == 0
+    assert main(argv) == 0
+    assert "done: 0 generated" in (last := capsys.readouterr().err.strip().splitlines()[-1]) and "6 already" in last
+    fs.get(f"{s3_bucket}/out/shards/", str(tmp_path / "shards"), recursive=True)
+    shards = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
+    samples = list(webdataset.WebDataset(shards, shardshuffle=False).decode("pil"))
+    assert len(shards) == 2 and sorted(s["json"]["source_id"] for s in samples) == sorted(
+        f"{name}.png" for name in ("cat/a", "cat/b", "dog/c") for _ in range(2)
+    )
+    assert all(s["json"]["label"] == s["json"]["source_id"].split("/")[0] for s in samples)

@@ -67,10 +67,10 @@ class Summary:
         return 1 if self.skipped_rows or self.failed_rows else 0
 
     def line(self) -> str:
-        dropped = f" ({self.dropped} dropped by the CLIP filters)" if self.dropped else ""
+        dropped = f", {self.dropped} of them dropped by the CLIP filters" if self.dropped else ""
         return (
-            f"done: {self.generated} generated{dropped} ({self.images_per_second:.2f} img/s, compile "
-            f"{self.compile_seconds:.1f} s excluded), {self.already_done} already done; "
+            f"done: {self.generated} generated ({self.images_per_second:.2f} img/s, compile "
+            f"{self.compile_seconds:.1f} s excluded){dropped}, {self.already_done} already done; "
             f"rows skipped: {self.skipped_rows}, rows failed: {self.failed_rows}"
         )
 

@@ -398,4 +398,3 @@ def test_a_file_rewritten_for_a_changed_row_counts_only_as_the_new_row(tmp_path)
     assert [r["key"] for r in load_records(tmp_path)] == ["new-key"]
     lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["key"] == "new-key"
-

@@ -60,6 +60,11 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     add("--canny-high", type=float, default=suppress, help="Canny edges: high hysteresis threshold")
 
 
+def _takes_run_options(options_class: type[CommonOptions]) -> bool:
+    """The model jobs, and commands that plan one (`RUN_OPTIONS`), take run options, settings and --config."""
+    return issubclass(options_class, JobOptions) or getattr(options_class, "RUN_OPTIONS", False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command of `jobs.options.COMMANDS` with its flags; model jobs add settings, run options and --config."""
     parser = argparse.ArgumentParser(
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command, options_class in COMMANDS.items():
         subparser = commands.add_parser(command, help=options_class.HELP)
         add_arguments(subparser, options_class)
-        if issubclass(options_class, JobOptions):
+        if _takes_run_options(options_class):
             if options_class is GenerateOptions:
                 subparser.add_argument(
                     "--mask", default=argparse.SUPPRESS, help="inpainting mask, exemplar's size, white = redo"
@@ -83,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def layer_options(
-    options_class: type[JobOptions], arguments: dict[str, Any]
-) -> tuple[JobOptions, RunOptions, dict[str, Any]]:
+    options_class: type[CommonOptions], arguments: dict[str, Any]
+) -> tuple[CommonOptions, RunOptions, dict[str, Any]]:
     """(job options, run options, row settings): config file < command line; validated on construction.
 
     Args:
@@ -118,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         options_class: type[CommonOptions] = COMMANDS[command]
-        if issubclass(options_class, JobOptions):
+        if _takes_run_options(options_class):
             inputs: tuple = layer_options(options_class, arguments)
         else:
             inputs = (options_class(**arguments),)

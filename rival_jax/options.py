@@ -2,6 +2,8 @@
 
 These are properties of the run, not of the method (those are `RivalConfig`): compute dtype, image
 geometry, attention kernel, where the exemplar's features live, and which weight files to read.
+Every options dataclass (these and the jobs') declares its fields with `option`, is checked by
+`check_types` and becomes command-line flags through `add_arguments`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import dataclasses
 import os
 import re
+import types
+import typing
 from typing import Any
 
 import jax
@@ -55,6 +59,31 @@ def option(
     return dataclasses.field(
         default=default, metadata=metadata | {"nargs": nargs, "kind": kind, "positional": positional}
     )
+
+
+def _accepted(hint: Any) -> tuple[Any, ...]:
+    """The runtime types a type hint admits: `str | None` -> (str, NoneType), `tuple[int, ...]` -> (tuple,)."""
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    return tuple(typing.get_origin(arg) or arg for arg in (typing.get_args(hint) if union else (hint,)))
+
+
+def check_types(options: Any) -> None:
+    """Every field holds a value of its annotated type (say from a config file); paths become text, lists tuples."""
+    hints = typing.get_type_hints(type(options))
+    for field in dataclasses.fields(options):
+        value, accepted = getattr(options, field.name), _accepted(hints[field.name])
+        if isinstance(value, os.PathLike) or (tuple in accepted and isinstance(value, list)):
+            value = os.fspath(value) if isinstance(value, os.PathLike) else tuple(value)
+            object.__setattr__(options, field.name, value)
+        items = value if isinstance(value, tuple) else ()
+        wrong_bool = any(isinstance(v, bool) for v in (value, *items)) and bool not in accepted
+        wrong_item = not all(isinstance(v, int) for v in items)
+        if wrong_bool or wrong_item or not isinstance(value, accepted) or (str in accepted and value == ""):
+            kind = field.metadata["kind"]
+            raise RivalError(f"{field.name}={value!r} is not {kind}: fix it in the config file or on the command line")
+        choices = field.metadata["choices"]
+        if choices and value is not None and value not in choices:
+            raise RivalError(f"{field.name} {value!r} is unknown: use {', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ import pytest
 _CACHE = Path(tempfile.mkdtemp(prefix="rival-jax-tests-"))
 os.environ["RIVAL_JAX_CACHE"] = str(_CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# libtpu lets one process at a time hold it; the test workers only compile for TPUs, so they may share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # pytest-xdist workers inherit this from the controller: they share compiled programs, not converted weights.
 _XLA_CACHE = os.environ.setdefault("RIVAL_JAX_TEST_XLA_CACHE", str(_CACHE / "xla"))
 

@@ -133,7 +133,7 @@ def test_authors_inpainting_experiment_runs_end_to_end(authors_tree, tiny_pipe, 
     records = [json.loads(line) for line in next(tmp_path.glob("records-*.jsonl")).read_text().splitlines()]
     assert sorted(r["file"] for r in records) == sorted(f"images/{p.name}" for p in (tmp_path / "images").iterdir())
     for record in records:
-        settings = record["settings"]
+        settings = record["metadata"]["settings"]
         assert settings["task"] == "inpaint" and settings["inversion_prompt"] == ""
         assert (settings["guidance_scale"], settings["t_align"], settings["t_early"]) == (7.0, 601, 600)
         assert settings["authors_t_align"] == 600

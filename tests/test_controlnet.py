@@ -14,6 +14,7 @@ from rival_jax import RivalConfig, RivalError, RivalPipeline, images
 from rival_jax.core.ddim import DDIM_OVERRIDES
 
 from .conftest import PARITY
+from .test_cli import FAST, _run
 
 STEPS = 4
 PLAIN = RivalConfig(guidance_scale=5.0, attention_injection=False, noise_alignment=False)
@@ -150,7 +151,8 @@ def test_residuals_never_reach_the_exemplar(control_pipe, tiny_pipe, square_chai
     [
         ({}, "pass control_image"),
         ({"control_image": np.zeros((50, 60, 3), np.uint8)}, "make the map at the exemplar's size"),
-        ({"control_image": ["canny", "canny"]}, "one per ControlNet"),
+        ({"control_image": ["canny", "canny"]}, "2 maps for 1 variations .* one map per ControlNet"),
+        ({"control_image": [["canny"] * 3], "num_variations": 2}, "3 maps for 2 variations"),
         ({"control_image": "canny", "control_guidance_start": 0.6, "control_guidance_end": 0.4}, "start < end"),
     ],
 )
@@ -163,3 +165,33 @@ def test_bad_control_input_gets_a_one_line_error(control_pipe, square_chain, kwa
 def test_a_control_image_needs_a_controlnet(tiny_pipe, square_chain):
     with pytest.raises(RivalError, match="no ControlNet is loaded"):
         tiny_pipe.generate(square_chain, control_image="canny")
+
+
+def test_each_variation_follows_its_own_map(control_pipe, square_chain):
+    """A list of maps is one per variation: variation i is what it is when generated alone with map i."""
+    edges = images.canny(square_chain.image)
+    maps = [edges, edges[:, ::-1].copy(), edges[::-1].copy()]
+    start = _start(square_chain, count=3)
+
+    def final(latents, control_image):
+        return control_pipe.generate(square_chain, latents=latents, control_image=control_image, output_type="latent")
+
+    both = final(start, maps).latents
+    for i in (1, 2):
+        assert relative_error(final(start[i : i + 1], maps[i]).latents[0], both[i]) < 1e-5
+    assert relative_error(both[1], both[0]) > 1e-3
+
+
+def test_generate_takes_a_folder_of_maps_one_per_variation(capsys, tmp_path, tiny_flax, tiny_controlnet, exemplar):
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for name, pixels in (("a.png", exemplar), ("b.png", exemplar[::-1])):
+        Image.fromarray(images.canny(pixels)).save(folder / name)
+    exemplar_file = tmp_path / "exemplar.png"
+    Image.fromarray(exemplar).save(exemplar_file)
+    args = ["generate", exemplar_file, "--model", tiny_flax, "--controlnet", tiny_controlnet, "--control-image", folder]
+    code, _, stderr = _run(capsys, *args, "-o", tmp_path / "out", *FAST)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "out" / "rival.json").read_text())["control_image"] == [str(folder)]
+    code, _, stderr = _run(capsys, *args, "-o", tmp_path / "bad", *FAST[:-3], "-n", "3", "--no-progress")
+    assert code == 2 and "holds 2 maps for 3 variations" in stderr and len(stderr.strip().splitlines()) == 1, stderr

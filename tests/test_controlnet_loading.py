@@ -178,19 +178,13 @@ def test_hub_ids_fetch_the_config_then_only_the_weights(fake_hub, controlnets, t
         f"controlnet/{SAFETENSORS}",
     ]
 
-    fake_hub["org/sdxl-controlnet"] = _edited_copy(
-        controlnets["safetensors"], tmp_path / "sdxl", addition_embed_type="text_time"
-    )
-    _one_line_error("no Flax SDXL ControlNet", load_controlnet, "org/sdxl-controlnet", cache_dir=None)
-    assert not list((tmp_path / "hub" / "org--sdxl-controlnet").glob("*.safetensors"))
+    text = _edited_copy(controlnets["safetensors"], tmp_path / "text", addition_embed_type="text")
+    fake_hub["org/text-controlnet"] = text
+    _one_line_error("addition_embed_type='text'", load_controlnet, "org/text-controlnet", cache_dir=None)
+    assert not list((tmp_path / "hub" / "org--text-controlnet").glob("*.safetensors"))
 
 
-def test_mismatched_base_models_are_refused_naming_both_sizes(controlnets, sd1_models, tiny_flax, tiny_sdxl, tmp_path):
-    controlnet = load_controlnet(controlnets["flax"], cache_dir=None)
-    sdxl = load_models(tiny_sdxl, cache_dir=None)
-    message = r"SDXL base \(cross_attention_dim 64\) and diffusers 0.39 has no Flax SDXL.*cross_attention_dim 32"
-    _one_line_error(message, check_controlnet, controlnet, sdxl)
-    _one_line_error("no Flax SDXL ControlNet", write_tiny_controlnet, tmp_path / "for-sdxl", tiny_sdxl)
+def test_mismatched_base_models_are_refused_naming_both_sizes(controlnets, sd1_models, tiny_flax, tmp_path):
 
     for key, value, ours, theirs in (
         ("cross_attention_dim", 48, "48", "32"),
@@ -231,7 +225,7 @@ def test_broken_folders_get_one_line_errors(controlnets, tmp_path, damage, messa
     ("changes", "message"),
     [
         ({"_class_name": "ControlNetXSAdapter"}, "holds a ControlNetXSAdapter, not a ControlNetModel"),
-        ({"addition_embed_type": "text_time"}, "SDXL ControlNet.*no Flax SDXL ControlNet"),
+        ({"addition_embed_type": "text"}, "addition_embed_type='text'"),
         ({"global_pool_conditions": True}, "global_pool_conditions=True"),
         ({"controlnet_conditioning_channel_order": "grb"}, "controlnet_conditioning_channel_order='grb'"),
         ({"conditioning_channels": 1}, "conditioning_channels=1"),

@@ -12,10 +12,9 @@ LAYERS = (
     ("core",),
     ("models",),
     ("metrics",),
-    ("data",),
     ("pipeline",),
     ("tpu",),
-    ("jobs",),
+    ("data", "jobs"),
     ("cli", "__main__", "__init__"),
 )
 MAX_LINES = 300

@@ -68,3 +68,24 @@ def test_padding_and_shares():
         assert [item for part in parts for item in part] == items
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert process_share(items, 1, 2) == list(range(11, 23))
+
+
+def test_abstract_inputs_carry_the_shardings_place_gives_the_arrays() -> None:
+    """What a plan compiles for devices it lacks is laid out as a run places its arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    from rival_jax.core import parallel
+    from rival_jax.core.unet import Conditioning
+    from rival_jax.pipeline.programs import PlainInputs
+
+    inputs = PlainInputs(jnp.zeros((2, 4, 8, 8)), Conditioning(jnp.zeros((2, 77, 32))), jnp.arange(3), jnp.float32(7))
+    mesh = parallel.local_mesh()
+    placed, shapes = parallel.place(inputs, mesh), parallel.abstract(inputs, mesh)
+
+    for array, shape in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(shapes), strict=True):
+        assert isinstance(shape, jax.ShapeDtypeStruct)
+        assert (shape.shape, shape.dtype, shape.sharding) == (array.shape, array.dtype, array.sharding)
+    assert shapes.start.sharding.spec == parallel.PartitionSpec(parallel.DATA)
+    params = parallel.abstract({"w": jnp.zeros((3, 3))}, mesh)
+    assert params["w"].sharding == parallel.replicated(mesh)

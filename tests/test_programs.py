@@ -187,3 +187,22 @@ def test_progress_bars_count_every_step(tiny_pipe, tiny_chain, prompted_runs, ex
     _assert_full(_bars(capsys.readouterr().err), {"inversion": steps})
     tiny_pipe.invert(exemplar, prompt=PROMPT, num_inference_steps=steps)
     assert capsys.readouterr().err == ""
+
+
+def _doubling(ticks: bool):
+    return lambda x: x * 2
+
+
+def test_a_program_compiled_from_shapes_is_the_one_a_run_then_uses():
+    """`plan` compiles through `Executables.compile` from shapes; a run with arrays of those shapes reuses it."""
+    from rival_jax.pipeline.programs import Executables
+
+    runs = Executables()
+    compiled = runs.compile("doubling", _doubling, False, (jax.ShapeDtypeStruct((2, 5), jnp.float32),))
+    seconds = runs.timings["doubling"]["compile_s"]
+
+    result = runs.run("doubling", _doubling, 1, False, (jnp.ones((2, 5)),))
+
+    np.testing.assert_array_equal(result, np.full((2, 5), 2.0))
+    assert seconds > 0 and runs.timings["doubling"]["compile_s"] == seconds
+    assert compiled.memory_analysis().argument_size_in_bytes == 40

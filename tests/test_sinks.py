@@ -58,8 +58,9 @@ def _colour_label(image: Image.Image) -> str | None:
     return next(label for name, label, _ in WITH_TOP if name == min(distances, key=distances.get))
 
 
-def _no_file_twice(output) -> list[dict]:
-    records = load_records(output)
+def _no_file_twice(output, processes=(0, 1)) -> list[dict]:
+    """Every record as written (none superseded), checked: no output file or shard sample in two of them."""
+    records = [record for process in processes for record in RecordLog(output, process).own()]
     listed = [(r["file"], r.get("sample")) for r in records if r["file"] is not None]
     assert len(listed) == len(set(listed)), "an output file (or shard sample) is listed by two records"
     assert len({(r["key"], r["variation_index"]) for r in records}) == len(records)
@@ -386,3 +387,14 @@ def test_a_url_output_is_checked_but_not_locked(s3_bucket):
         check_output(f"{s3_bucket}/file")
     with output_lock(f"{s3_bucket}/out", 3) as held, output_lock(f"{s3_bucket}/out", 3):
         assert held == f"{s3_bucket}/out" and storage.list_files(held) == []
+
+
+def test_a_file_rewritten_for_a_changed_row_counts_only_as_the_new_row(tmp_path):
+    spec = OutputSpec()
+    first, second = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    _write(tmp_path, spec, [(Item("old-key", 0, "cat/a", {"label": "cat"}, (8, 8)), first)])
+    _write(tmp_path, spec, [(Item("new-key", 0, "cat/a", {"label": "cat"}, (8, 8)), second)])
+    assert open_sink(tmp_path, spec, process=0, overwrite=False, log=print).finished() == {("new-key", 0)}
+    assert [r["key"] for r in load_records(tmp_path)] == ["new-key"]
+    lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["key"] == "new-key"

@@ -6,9 +6,7 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rival_jax.errors import RivalError
 from rival_jax.tpu import targets
@@ -67,84 +65,23 @@ def test_tpu_targets_resolve_to_compile_only_devices_of_their_chip() -> None:
     assert [d.process_index for d in pod.local_devices] == [0] * 4
 
 
-@pytest.fixture
-def no_persistent_cache() -> object:
-    """Compile-only executables cannot be read back from the persistent cache: keep them out of it."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    yield
-    jax.config.update("jax_enable_compilation_cache", enabled)
-
-
-def _abstract(tree: object, mesh: Mesh, specs: object) -> object:
-    """Shapes of `tree` laid out on `mesh` by `specs` (a prefix tree of PartitionSpecs), as a run places them."""
-    return jax.tree.map(
-        lambda spec, sub: jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)), sub
-        ),
-        specs,
-        tree,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
 @needs_libtpu
-@pytest.mark.parametrize(("family", "name"), [("sd1", "v5e:2x2"), ("sdxl", "v5e:4x4")])
-def test_tiny_generation_compiles_for_tpu_with_variations_split_over_a_hosts_chips(
-    family: str, name: str, no_persistent_cache: None
-) -> None:
-    from diffusers import FlaxUNet2DConditionModel
+@pytest.mark.parametrize(("model", "name"), [("tiny", "v5e:2x2"), ("tiny-sdxl", "v5e:4x4")])
+def test_tiny_generation_compiles_for_tpu_with_variations_split_over_a_hosts_chips(model: str, name: str) -> None:
+    """The run's generation program, from shapes, on one host's chips: 4 on v5e:2x2, the first host's 4 of v5e:4x4."""
+    from rival_jax.tpu import shapes as build
+    from rival_jax.tpu.plan import Planner
 
-    from rival_jax.config import RivalConfig
-    from rival_jax.core import parallel
-    from rival_jax.core.ddim import DDIMSchedule
-    from rival_jax.core.sampler import GenerationInputs
-    from rival_jax.core.unet import Conditioning
-    from rival_jax.models.architectures import TINY
-    from rival_jax.models.checkpoints import params_layout
-    from rival_jax.pipeline import programs
-
-    arch = TINY[family]
-    unet = FlaxUNet2DConditionModel(**arch.unet, dtype=jnp.bfloat16)
-    schedule = DDIMSchedule.from_scheduler_config(arch.scheduler)
+    shapes = build.model_shapes(model, None, jnp.bfloat16, 64, False)
     target = resolve_target(name)
-    chips = len(target.local_devices)  # a run's programs span one host's devices
-    mesh = parallel.exemplar_mesh(Mesh(np.array(target.local_devices), (parallel.DATA,)), 1, chips)
-    assert mesh.devices.shape == (1, chips)
+    planner = Planner(shapes, target, "pallas", 8, targets.CHIPS["v5e"].hbm_bytes)
+    call = build.generation(shapes, planner.statics, (1, 8, 2, 2), None)
 
-    def shape(*dims: int, dtype: jnp.dtype = jnp.float32) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(dims, dtype)
+    measured, out = planner.measure(call)
 
-    def cond(*leading: int) -> Conditioning:
-        text = shape(*leading, 77, unet.config.cross_attention_dim)
-        if unet.config.addition_embed_type != "text_time":
-            return Conditioning(text)
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        return Conditioning(text, {"text_embeds": shape(*leading, pooled), "time_ids": shape(*leading, 6)})
-
-    steps, latent = 2, (4, 8, 8)
-    inputs = GenerationInputs(
-        start=shape(1, chips, *latent),
-        chain=shape(1, steps + 1, *latent),
-        conditioning=cond(1, 2),
-        contexts=cond(1, 1),
-        reference=None,
-        region=shape(1, *latent[1:], dtype=jnp.bool_),
-        settings=jax.eval_shape(RivalConfig().as_arrays),
-        timesteps=jax.ShapeDtypeStruct((steps,), jnp.int32),
-    )
-    inputs = _abstract(inputs, mesh, parallel.field_specs(inputs))
-    params = _abstract(params_layout(unet), mesh, PartitionSpec())
-    statics = programs.Statics(programs.Modules(unet, None, schedule, jnp.bfloat16), mesh)
-    program = programs.Program(programs.generation, statics)(False)
-
-    compiled = jax.jit(program).lower(params, inputs).compile()
-
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    assert memory.argument_size_in_bytes > sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 4
-    assert cost["flops"] > 0
-    assert compiled.output_shardings.mesh.devices.shape == (1, chips)
-    assert chips == 4
-    assert targets.CHIPS["v5e"].device_kind == target.devices[0].device_kind
+    assert out.sharding.mesh.devices.shape == (1, 4) and out.shape[:2] == (1, 8)
+    assert set(out.sharding.mesh.devices.flat) <= set(target.local_devices)
+    assert {d.device_kind for d in out.sharding.mesh.devices.flat} == {targets.CHIPS["v5e"].device_kind}
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes.params["unet"]))
+    assert measured.arguments >= params and measured.temporaries > 0 and measured.flops > 0
+    assert 0 < measured.roofline_s < 1

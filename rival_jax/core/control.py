@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rival_jax.core.parallel import DATA, pad_to
 from rival_jax.core.unet import Conditioning
 
 
@@ -40,7 +42,9 @@ class ControlInputs:
     """What the ControlNets of one generation read, one entry per ControlNet.
 
     params: each ControlNet's params.
-    images: each ControlNet's conditioning image, (1, 3, H, W) in [0, 1] at the generated images' size.
+    images: each ControlNet's conditioning images in [0, 1] at the generated images' size: (1, 3, H, W),
+        one map for every variation, or (L, 3, H, W), one per variation of the whole padded batch
+        (replicated; each device takes its own variations' maps).
     scales: (K,) conditioning scales (traced: changing them does not recompile).
     starts, ends: (K,) the fraction of the steps where each ControlNet starts and stops acting, as
         diffusers' `control_guidance_start` / `control_guidance_end`.
@@ -51,6 +55,19 @@ class ControlInputs:
     scales: jnp.ndarray
     starts: jnp.ndarray
     ends: jnp.ndarray
+
+    def padded(self, length: int) -> ControlInputs:
+        """Per-variation maps padded to the batch's `length` variations (`parallel.pad_to`); shared ones as they are."""
+        images = tuple(x if x.shape[0] == 1 else jnp.asarray(pad_to(x, length)) for x in self.images)
+        return self.replace(images=images)
+
+
+def _own_maps(image: jnp.ndarray, count: int) -> jnp.ndarray:
+    """The maps of the `count` variations this device generates, for both guidance halves (2 * count, 3, H, W)."""
+    if image.shape[0] == 1:
+        return jnp.broadcast_to(image, (2 * count, *image.shape[1:]))
+    own = jax.lax.dynamic_slice_in_dim(image, jax.lax.axis_index(DATA) * count, count)
+    return jnp.concatenate([own, own])
 
 
 def control_residuals(
@@ -64,8 +81,13 @@ def control_residuals(
 ) -> Residuals:
     """The summed residuals of every ControlNet for the entries `latents` (B, 4, h, w) at step `step` of `steps`.
 
+    The entries are the [unconditional, conditional] halves of this device's variations; per-variation
+    maps are taken by the device's place on the mesh's data axis (inside `parallel.sharded`).
+
     >>> residuals = control_residuals(controlnets, control, latents, t, batch_cond, jnp.int32(0), 50)
     """
+    # SDXL ControlNets take the added conditioning (pooled text embeddings, time ids) as the SDXL UNet does.
+    added = {} if cond.added is None else {"added_cond_kwargs": cond.added}
     total = None
     for k, (controlnet, params, image) in enumerate(zip(controlnets, control.params, control.images, strict=True)):
         active = (step / steps >= control.starts[k]) & ((step + 1) / steps <= control.ends[k])
@@ -74,9 +96,10 @@ def control_residuals(
             latents,
             t,
             cond.text,
-            jnp.broadcast_to(image, (latents.shape[0], *image.shape[1:])),
+            _own_maps(image, latents.shape[0] // 2),
             conditioning_scale=control.scales[k] * active,
             return_dict=False,
+            **added,
         )
         residuals = Residuals(tuple(down), mid)
         total = residuals if total is None else total + residuals

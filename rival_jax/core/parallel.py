@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -24,9 +25,13 @@ DATA = "data"
 EXEMPLARS = "exemplars"
 
 
-def local_mesh() -> Mesh:
-    """A 1-D mesh ("data") over this process's devices."""
-    return Mesh(np.array(jax.local_devices()), (DATA,))
+def local_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """A 1-D mesh ("data") over this process's devices, or over `devices` (a compile target's host-local ones).
+
+    >>> local_mesh(resolve_target("v5e:2x2").local_devices).size  # compile-only TPU devices
+    4
+    """
+    return Mesh(np.array(jax.local_devices() if devices is None else list(devices)), (DATA,))
 
 
 def padded_length(count: int, multiple: int) -> int:
@@ -92,12 +97,35 @@ def field_specs(inputs: Any) -> Any:
     return inputs.replace(**{name: PartitionSpec(*split.get(name, ())) for name in names})
 
 
-def place(inputs: Any, mesh: Mesh) -> Any:
-    """`inputs` on the devices of `mesh` as `sharded` splits them (so the program moves nothing first)."""
-    shardings = jax.tree_util.tree_map(
+def shardings(inputs: Any, mesh: Mesh) -> Any:
+    """The struct `inputs` with each field replaced by its `NamedSharding` on `mesh`, as `sharded` splits it;
+    any other tree (params) is replicated whole."""
+    if not dataclasses.is_dataclass(inputs):
+        return replicated(mesh)
+    return jax.tree_util.tree_map(
         lambda spec: NamedSharding(mesh, spec), field_specs(inputs), is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
-    return jax.device_put(inputs, shardings)
+
+
+def place(inputs: Any, mesh: Mesh) -> Any:
+    """`inputs` on the devices of `mesh` as `sharded` splits them (so the program moves nothing first)."""
+    return jax.device_put(inputs, shardings(inputs, mesh))
+
+
+def abstract(inputs: Any, mesh: Mesh) -> Any:
+    """`inputs` (arrays or shapes) as `jax.ShapeDtypeStruct`s laid out as `place` puts them: what compiling
+    for a mesh of devices this process does not have (`tpu.targets`) needs instead of arrays.
+
+    >>> abstract(GenerationInputs(start=jax.ShapeDtypeStruct((1, 8, 4, 64, 64), jnp.float32), ...), mesh)
+    """
+    return jax.tree_util.tree_map(
+        lambda sharding, field: jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), field
+        ),
+        shardings(inputs, mesh),
+        inputs,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
 
 
 def sharded(fn: Callable[[Any, Any], Any], mesh: Mesh, out_axes: tuple[str, ...]) -> Callable[[Any, Any], Any]:

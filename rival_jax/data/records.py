@@ -58,9 +58,15 @@ def _read(output: str, names: list[str]) -> list[dict[str, Any]]:
 
 
 def load_records(output: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record any process wrote in `output` (a folder or URL), in process order."""
+    """Every record any process wrote in `output` (a folder or URL), in process order, less superseded ones.
+
+    Of several records of one output file (or shard sample), only the last counts: a file rewritten for a
+    row whose settings changed holds that row's output, not the earlier one's.
+    """
     output = os.fspath(output)
-    return _read(output, _listing(output))
+    records = _read(output, _listing(output))
+    latest = {(r["file"], r.get("sample")): n for n, r in enumerate(records) if r["file"] is not None}
+    return [r for n, r in enumerate(records) if r["file"] is None or latest[(r["file"], r.get("sample"))] == n]
 
 
 @contextlib.contextmanager

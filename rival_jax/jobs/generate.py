@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from rival_jax import files, images
+from rival_jax.data.entries import IMAGE_SUFFIXES
+from rival_jax.errors import RivalError
 from rival_jax.jobs.common import (
     Interrupted,
     check_control,
@@ -49,11 +51,27 @@ def run_job(job: GenerateOptions, options: RunOptions, row: dict[str, Any]) -> i
     settings = merge_settings(row)
     check_control(options, settings)
     exemplar_path = job.exemplar or str(images.example_image())
-    exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], settings["control_image"], options)
+    maps = _folder_maps(settings) or settings["control_image"]
+    exemplar, mask, control_maps = read_exemplar(exemplar_path, settings["mask"], maps, options)
     output = check_generate_output(job.output, job.overwrite)
     with output_lock(output):
         _generate(job, options, settings, exemplar_path, (exemplar, mask, control_maps), output)
     return 0
+
+
+def _folder_maps(settings: dict[str, Any]) -> list[str] | None:
+    """A folder given as the one ControlNet's map: its images sorted by name, one per variation; else None."""
+    maps = settings["control_image"]
+    entry = maps[0] if isinstance(maps, list) and len(maps) == 1 else maps
+    if not isinstance(entry, (str, Path)) or not Path(entry).is_dir():
+        return None
+    found = sorted(str(path) for path in Path(entry).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if len(found) != settings["num_variations"]:
+        raise RivalError(
+            f"control image folder {entry} holds {len(found)} maps for {settings['num_variations']} variations: "
+            f"put one map per variation in it (used in name order) or pass -n {len(found)}"
+        )
+    return found
 
 
 def _generate(job: GenerateOptions, options, settings, exemplar_path, inputs, output: Path) -> None:

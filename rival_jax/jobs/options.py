@@ -11,17 +11,14 @@ per-exemplar settings (`jobs.settings`) and read them, layered, from a config fi
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import types
-import typing
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from rival_jax.data.encoding import IMAGE_FORMATS
 from rival_jax.data.sinks import FORMATS, OutputSpec
 from rival_jax.errors import RivalError
 from rival_jax.models.families import FAMILIES
-from rival_jax.options import option
+from rival_jax.options import check_types, option
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_BATCH_SIZE = 8
@@ -30,31 +27,6 @@ KID_FEATURES = ("inception", "clip")
 MANIFEST_HELP = "image folder (ImageFolder), .csv/.jsonl manifest, .parquet, WebDataset .tar, datasets folder; or URL"
 SHARD_PATTERN = re.compile(r"^(\d+)/(\d+)$")
 ENGINES = ("local", "ray")
-
-
-def _accepted(hint: Any) -> tuple[Any, ...]:
-    """The runtime types a type hint admits: `str | None` -> (str, NoneType), `tuple[int, ...]` -> (tuple,)."""
-    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
-    return tuple(typing.get_origin(arg) or arg for arg in (typing.get_args(hint) if union else (hint,)))
-
-
-def _check_types(options: Any) -> None:
-    """Every field holds a value of its annotated type (say from a config file); paths become text, lists tuples."""
-    hints = typing.get_type_hints(type(options))
-    for field in dataclasses.fields(options):
-        value, accepted = getattr(options, field.name), _accepted(hints[field.name])
-        if isinstance(value, os.PathLike) or (tuple in accepted and isinstance(value, list)):
-            value = os.fspath(value) if isinstance(value, os.PathLike) else tuple(value)
-            object.__setattr__(options, field.name, value)
-        items = value if isinstance(value, tuple) else ()
-        wrong_bool = any(isinstance(v, bool) for v in (value, *items)) and bool not in accepted
-        wrong_item = not all(isinstance(v, int) for v in items)
-        if wrong_bool or wrong_item or not isinstance(value, accepted) or (str in accepted and value == ""):
-            kind = field.metadata["kind"]
-            raise RivalError(f"{field.name}={value!r} is not {kind}: fix it in the config file or on the command line")
-        choices = field.metadata["choices"]
-        if choices and value is not None and value not in choices:
-            raise RivalError(f"{field.name} {value!r} is unknown: use {', '.join(choices)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,7 +43,7 @@ class CommonOptions:
     )
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,11 +91,19 @@ class BatchedOptions(JobOptions):
     batch_size: int = option(
         DEFAULT_BATCH_SIZE, f"variations per compiled batch (default: {DEFAULT_BATCH_SIZE})", kind="an integer"
     )
+    clip: str | None = option(
+        None, "CLIP that scores variations (default: tiny with --model tiny*, else ViT-L/14)", kind="a path or hub id"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.batch_size < 1:
             raise RivalError(f"--batch-size {self.batch_size} is out of range: use an integer >= 1")
+
+    @property
+    def scoring_clip(self) -> str:
+        """The CLIP that scores: as given, else the tiny one for the tiny models, else `DEFAULT_CLIP`."""
+        return str(self.clip or ("tiny" if str(self.model).startswith("tiny") else DEFAULT_CLIP))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,9 +129,6 @@ class AugmentOptions(BatchedOptions):
     )
     keep_best: int | None = option(
         None, "keep the K of -n variations most CLIP-similar to the exemplar", type=int, kind="an integer"
-    )
-    clip: str | None = option(
-        None, "CLIP of the filters (default: tiny with --model tiny*, else ViT-L/14)", kind="a path or hub id"
     )
     shard: str | None = option(None, "do share I of N of the job (I/N, 0-based) on independent machines", kind="I/N")
     coordinator: str | None = option(None, "jax.distributed coordinator host:port (multi-host runs)", kind="host:port")
@@ -215,11 +192,6 @@ class AugmentOptions(BatchedOptions):
         """Whether variations are scored by CLIP (--keep-best or --min-clip-image)."""
         return self.keep_best is not None or self.min_clip_image is not None
 
-    @property
-    def scoring_clip(self) -> str:
-        """The CLIP of the filters, by ablate's rule (`AblateOptions.scoring_clip`)."""
-        return AblateOptions.scoring_clip.fget(self)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AblateOptions(BatchedOptions):
@@ -232,17 +204,9 @@ class AblateOptions(BatchedOptions):
     t_early_values: tuple[int, ...] = option(
         DEFAULT_SWEEP, "swept t_early values (default: 400 600 800)", type=int, nargs="+", kind="a list of integers"
     )
-    clip: str | None = option(
-        None, "CLIP for the scores (default: tiny with --model tiny*, else ViT-L/14)", kind="a path or hub id"
-    )
     inception: str | None = option(
         None, "FID Inception weights file for KID (default: CLIP features)", kind="a file path"
     )
-
-    @property
-    def scoring_clip(self) -> str:
-        """The CLIP that scores: as given, else the tiny one for the tiny models, else `DEFAULT_CLIP`."""
-        return str(self.clip or ("tiny" if str(self.model).startswith("tiny") else DEFAULT_CLIP))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -290,3 +254,40 @@ COMMANDS: dict[str, type[CommonOptions]] = {
     "ablate": AblateOptions,
     "make-tiny": MakeTinyOptions,
 }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanOptions(CommonOptions):
+    """`rival-jax plan`: every program of a run compiled for a target it need not have; per-chip memory and cost.
+
+    It takes the run options and settings as `generate` does (`RUN_OPTIONS`), from shapes alone.
+
+    >>> PlanOptions(target="v5e:2x2", family="sdxl")
+    """
+
+    HELP: ClassVar[str] = "compile a run's programs for a TPU slice (or cpu:D) from shapes: memory and cost per chip"
+    RUN_OPTIONS: ClassVar[bool] = True
+    target: str | None = option(
+        None,
+        "machine to compile for: v5e:2x2, v6e:2x4, v4:2x2x1, v5litepod-8, v6e-8, v4-8, cpu:8, ...",
+        kind="a target",
+    )
+    model: str | None = option(
+        None, "diffusers folder (only its configs are read), or tiny, tiny-sd2, tiny-sdxl", kind="a path or model name"
+    )
+    family: str | None = option(None, "a family's full architecture, no weights needed", FAMILIES, kind="a family")
+    chip_memory: float | None = option(
+        None, "GiB one chip may hold (default: its HBM; cpu:D: this host's memory)", type=float, kind="a number"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target is None:
+            raise RivalError("plan needs --target: a TPU topology (v5e:2x2), a Cloud TPU type (v5litepod-8) or cpu:D")
+        if (self.model is None) == (self.family is None):
+            raise RivalError("plan needs one of --model M (a diffusers folder or tiny*) or --family sd1|sd2|sdxl")
+        if self.chip_memory is not None and self.chip_memory <= 0:
+            raise RivalError(f"--chip-memory {self.chip_memory} is out of range: use GiB above 0")
+
+
+COMMANDS["plan"] = PlanOptions

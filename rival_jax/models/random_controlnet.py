@@ -1,4 +1,4 @@
-"""A random ControlNet shaped for a tiny (or any) SD 1.x/2.x checkpoint, in either weight format, for tests."""
+"""A random ControlNet shaped for a tiny (or any) SD 1.x/2.x or SDXL checkpoint, in either weight format, for tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from rival_jax.errors import RivalError
 from rival_jax.models.checkpoints import build_diffusers_module, read_json
-from rival_jax.models.families import detect_family
+from rival_jax.models.controlnet import controlnet_class
 from rival_jax.models.random_models import WeightFormat, check_weight_format, random_params, save_weights
 
 # Four blocks: the control image is taken down by the VAE's factor of 8.
@@ -24,11 +23,12 @@ CONDITIONING_GAIN = 2.0
 def write_tiny_controlnet(
     folder: str | os.PathLike, base: Path, seed: int = 0, weight_format: WeightFormat = "flax"
 ) -> Path:
-    """Write a random ControlNet folder (diffusers layout) for the UNet of the SD 1.x/2.x checkpoint `base`.
+    """Write a random ControlNet folder (diffusers layout) for the UNet of the SD 1.x/2.x or SDXL checkpoint `base`.
 
-    Blocks, channels, head dims, cross-attention size and projections are the base UNet's; the zero
-    convolutions get small random weights and the conditioning embedding a gain, so that both the
-    residuals and the control image change the UNet's output.
+    Blocks, channels, head dims, cross-attention size, projections and (SDXL) transformer depths and
+    added conditioning are the base UNet's; the zero convolutions get small random weights and the
+    conditioning embedding a gain, so that both the residuals and the control image change the UNet's output.
+    In the safetensors form its config.json names PyTorch's `ControlNetModel`, as published ones do.
 
     Args:
         folder: where to write (created if missing).
@@ -36,17 +36,13 @@ def write_tiny_controlnet(
         seed: seeds every weight.
         weight_format: 'flax' (msgpack) or 'safetensors' (PyTorch names and layouts).
 
-    >>> write_tiny_controlnet("/tmp/controlnet", tiny_checkpoint(family="sd2"), weight_format="safetensors")
+    >>> write_tiny_controlnet("/tmp/controlnet", tiny_checkpoint(family="sdxl"), weight_format="safetensors")
     """
-    from diffusers import FlaxControlNetModel
-
     folder, base = Path(folder), Path(base)
     check_weight_format(weight_format)
-    if detect_family(base, read_json(base / "model_index.json")) == "sdxl":
-        raise RivalError(f"{base} is SDXL and diffusers 0.39 has no Flax SDXL ControlNet: pass an SD 1.x/2.x one")
-    unet = read_json(base / "unet" / "config.json")
-    channels = {"conditioning_embedding_out_channels": CONTROLNET_EMBEDDING_CHANNELS}
-    module, shapes, _ = build_diffusers_module(FlaxControlNetModel, unet | channels, jnp.float32)
+    config = read_json(base / "unet" / "config.json")
+    config |= {"conditioning_embedding_out_channels": CONTROLNET_EMBEDDING_CHANNELS}
+    module, shapes, _ = build_diffusers_module(controlnet_class(config), config, jnp.float32)
     params = random_params(shapes, jax.random.PRNGKey(seed))
     for name, conv in params["controlnet_cond_embedding"].items():
         conv["kernel"] *= ZERO_CONV_SCALE if name == "conv_out" else CONDITIONING_GAIN
@@ -54,5 +50,6 @@ def write_tiny_controlnet(
         conv["kernel"] *= ZERO_CONV_SCALE
     params["controlnet_mid_block"]["kernel"] *= ZERO_CONV_SCALE
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(folder, module, params, weight_format, {}, kind="controlnet")
+    prefix = "Flax" if weight_format == "flax" else ""
+    save_weights(folder, module, params, weight_format, {"_class_name": f"{prefix}ControlNetModel"}, kind="controlnet")
     return folder

@@ -66,7 +66,9 @@ class Generation:
                 so calls with different counts reuse one compiled program; the padding is dropped.
             control_image: with ControlNets loaded, each one's map (a list with several): a path, PIL
                 image or uint8 array at the exemplar's size (or its processed size), or "canny" /
-                `images.CannyEdges(sigma, low, high)` for the processed exemplar's Canny edges.
+                `images.CannyEdges(sigma, low, high)` for the processed exemplar's Canny edges. Instead
+                of one map, a ControlNet's entry may be a list of one map per variation (in the order
+                of the variations); with one ControlNet, `control_image=[map_0, ..., map_N-1]`.
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end: per
                 ControlNet (one value for all, or a list), as in diffusers' ControlNet pipelines.
             return_traces: also return per-step traces in `RivalOutput.traces` (`traces.GenerationTraces`:
@@ -125,8 +127,14 @@ class Generation:
                 "exemplars generated together must share image size, steps and prompt contexts (inversion prompt "
                 "empty or not): group them by these"
             )
+        first = requests[0]
         control = control_inputs(
-            self.controlnets, chains[0], self.dtype, requests[0].control_image, requests[0].control_settings
+            self.controlnets,
+            chains[0],
+            self.dtype,
+            first.control_image,
+            first.control_settings,
+            len(first.variation_indices),
         )
         regions = [inputs.mask_region(chain, r.mask) for chain, r in zip(chains, requests, strict=True)]
         starts = [
@@ -157,7 +165,7 @@ class Generation:
             region=np.stack([regions[k] for k in order]),
             settings=config.as_arrays(),
             timesteps=jnp.asarray(chains[0].timesteps),
-            control=control,
+            control=None if control is None else control.padded(length),
         )
         steps = chains[0].num_inference_steps * self.mesh.size  # every device ticks each step once
         label = "generation (traces)" if return_traces else "generation"

@@ -103,7 +103,7 @@ class RivalPipeline(Generation):
         >>> pipe = RivalPipeline.from_pretrained("/models/stable-diffusion-2-1", resolution=640)
         >>> pipe = RivalPipeline.from_pretrained("/models/sd15", controlnet="lllyasviel/sd-controlnet-canny")
         """
-        from rival_jax.models.controlnet import check_controlnet, load_controlnet
+        from rival_jax.models.controlnet import check_controlnet, load_controlnet, resolve_controlnet_folder
         from rival_jax.models.random_models import tiny_checkpoint
 
         options = (options or RunOptions()).replace(**option_values)
@@ -112,8 +112,9 @@ class RivalPipeline(Generation):
             tiny_cache = None if isinstance(cache_dir, bool) or cache_dir is None else Path(cache_dir)
             name_or_path = tiny_checkpoint(cache_dir=tiny_cache, family=TINY_MODELS[name])
         dtype = resolve_dtype(options.dtype)
+        folders = [resolve_controlnet_folder(name) for name in options.controlnet]  # refusals before any weights
         models = load_models(name_or_path, dtype, cache_dir, variant=options.variant, base_model=options.base_model)
-        controlnets = [load_controlnet(name, dtype, cache_dir) for name in options.controlnet]
+        controlnets = [load_controlnet(folder, dtype, cache_dir) for folder in folders]
         for loaded in controlnets:
             check_controlnet(loaded, models)
         if models.random_weights:

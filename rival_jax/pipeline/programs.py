@@ -4,7 +4,8 @@ Every program is a pure function `program(*arrays, statics=..., report_progress=
 named structs: the checkpoint's modules and every static choice are fields of a frozen `Statics`,
 what is split over devices is declared by the input struct (`parallel.sharded`), and a `Program`
 names the function, its statics and the input fields whose buffers it may reuse. `Executables`
-compiles a program once per (program, argument structure, shapes, dtypes) and keeps it.
+compiles a program once per (program, argument structure, shapes, dtypes) and keeps it (the
+`plan` command compiles through it, from shapes alone, for devices it does not have).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
@@ -51,8 +53,8 @@ class Modules:
 class Statics:
     """What a program is specialised on; hashable, so it keys the compiled programs.
 
-    mesh: the devices it runs on; attention: the injected layers' kernel (`aligned_generate`);
-    latent_init, latent_alignment: `RivalConfig`'s settings the start latents read.
+    mesh: the devices it runs on; attention: the injected layers' kernel; latent_init,
+    latent_alignment: `RivalConfig`'s settings the start latents read.
     """
 
     modules: Modules
@@ -231,55 +233,61 @@ def plain(params: Any, inputs: PlainInputs, *, statics: Statics, report_progress
 class Executables:
     """Compiled programs, each compiled on first use for its argument shapes and kept, with their seconds.
 
-    A program is keyed by itself (a `Program`: function and statics; or any hashable
-    `make_program(report_progress)`), whether it ticks, and its arguments' structure, shapes and
-    dtypes. `timings[label]` holds compile and run seconds ("compile_s", "run_s") summed over calls;
-    the label only names the program in progress lines and timings.
+    Keyed by the program (a `Program`, or any hashable `make_program(report_progress)`), whether it
+    ticks, and its arguments' structure, shapes and dtypes. `timings[label]`: compile and run seconds.
 
     >>> runs = Executables()
     >>> chains = runs.run("inversion", Program(inversion, statics), steps=50, show=True, args=(params, inputs))
-    >>> runs.timings["inversion"]
-    {'compile_s': 8.1, 'run_s': 2.3}
     """
 
     def __init__(self) -> None:
         self._compiled: dict[tuple, Any] = {}
         self.timings: defaultdict[str, dict[str, float]] = defaultdict(lambda: {"compile_s": 0.0, "run_s": 0.0})
 
-    def run(self, label: str, program: Callable[[bool], Callable], steps: int, show: bool, args: tuple) -> Any:
-        """Run `program(report_progress)(*args)`, compiled on first use.
+    def compile(self, label: str, program: Callable[[bool], Callable], show: bool, args: tuple) -> Any:
+        """`program(report_progress)` compiled for `args` (arrays, or shapes with shardings: `parallel.abstract`).
 
         Args:
             label: the program's name in progress lines and `timings`.
             program: a `Program`, or a hashable function of report_progress (ticks every step only
                 when progress is shown and the persistent cache is off, `progress.step_ticks`).
-            steps: ticks one run makes (the bar's length).
-            show: progress on stderr (compile line, then a step bar or a line with the run's seconds).
-            args: the program's arguments.
+            show: progress on stderr; args: the program's arguments.
+
+        >>> runs.compile("generation", Program(generation, statics), False, (params, inputs)).memory_analysis()
         """
         ticks = progress.step_ticks(show)
-        donated = getattr(program, "donate", ())
-        kwargs = {}
-        if donated:  # the donated fields travel apart, so that only their buffers are donated
-            *rest, inputs = args
-            kwargs = {"donated": {name: getattr(inputs, name) for name in donated}}
-            args = (*rest, inputs.replace(**dict.fromkeys(donated)))
+        args, kwargs = _donated_apart(program, args)
         leaves, structure = jax.tree_util.tree_flatten((args, kwargs))
-        key = (program, ticks, structure, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        key = (program, ticks, structure, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
         if key not in self._compiled:
-            function = program(ticks)
-            if donated:
-                function = _rejoining(function)
+            function = _rejoining(program(ticks)) if kwargs else program(ticks)
             with progress.compiling(label, show) as clock:
-                compiled = jax.jit(function, donate_argnames=tuple(kwargs)).lower(*args, **kwargs).compile()
-                self._compiled[key] = compiled
+                self._compiled[key] = jax.jit(function, donate_argnames=tuple(kwargs)).lower(*args, **kwargs).compile()
             self.timings[label]["compile_s"] += clock.seconds
+        return self._compiled[key]
+
+    def run(self, label: str, program: Callable[[bool], Callable], steps: int, show: bool, args: tuple) -> Any:
+        """Run `program(report_progress)(*args)`, compiled on first use (`compile`, which takes the same
+        arguments); `steps`: ticks one run makes (the bar's length), shown after the compile line."""
+        compiled = self.compile(label, program, show, args)
+        args, kwargs = _donated_apart(program, args)
         started = time.perf_counter()
+        ticks = progress.step_ticks(show)
         shown = progress.progress_bar(label, steps, show) if ticks else progress.activity(f"running {label}", show)
         with shown:
-            result = jax.block_until_ready(self._compiled[key](*args, **kwargs))
+            result = jax.block_until_ready(compiled(*args, **kwargs))
         self.timings[label]["run_s"] += time.perf_counter() - started
         return result
+
+
+def _donated_apart(program: Any, args: tuple) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs): the fields of the last argument that `program` donates travel apart (only theirs donated)."""
+    donated = getattr(program, "donate", ())
+    if not donated:
+        return args, {}
+    *rest, inputs = args
+    fields = {name: getattr(inputs, name) for name in donated}
+    return (*rest, inputs.replace(**dict.fromkeys(donated))), {"donated": fields}
 
 
 def _rejoining(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -98,6 +98,7 @@ class Target:
 
     spec: TargetSpec
     devices: tuple[Any, ...]
+    host_devices: tuple[Any, ...] = ()
 
     @property
     def devices_per_chip(self) -> int:
@@ -105,8 +106,13 @@ class Target:
 
     @property
     def local_devices(self) -> tuple[Any, ...]:
-        """The first host's devices: what `jax.local_devices()` holds there, so what a run's `local_mesh` spans."""
-        return tuple(d for d in self.devices if d.process_index == self.devices[0].process_index)
+        """One host's devices: what `jax.local_devices()` holds there, so what a run's `local_mesh` spans.
+
+        On a multi-host slice, the devices of a one-host topology of the host's shape (`host_devices`):
+        libtpu does not compile collectives over part of a compile-only slice, and a run's programs
+        never leave their host.
+        """
+        return self.host_devices or self.devices
 
 
 def _unknown(name: str) -> RivalError:
@@ -180,9 +186,21 @@ def resolve_target(name: str) -> Target:
         topology = topologies.get_topology_desc(
             topology_name=spec.topology, platform="tpu", chips_per_host_bounds=spec.chips_per_host_bounds
         )
-    except RuntimeError as error:  # libtpu's JaxRuntimeError: a shape it does not lay out
+        host = ()
+        if spec.hosts > 1:
+            shape = "x".join(map(str, spec.chips_per_host_bounds[: spec.chip.dimensions]))
+            bounds = spec.chips_per_host_bounds
+            host = topologies.get_topology_desc(
+                f"{spec.chip.name}:{shape}", "tpu", chips_per_host_bounds=bounds
+            ).devices
+    except RuntimeError as error:  # libtpu's JaxRuntimeError: a shape it does not lay out, or its lock held
+        if "lockfile" in str(error):
+            raise RivalError(
+                "another process holds libtpu (/tmp/libtpu_lockfile): let it finish, or set "
+                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 where no process uses a real TPU (compiling only)"
+            ) from error
         raise RivalError(f"target {name!r}: libtpu cannot lay out {spec.topology} ({error})") from error
-    return Target(spec, tuple(topology.devices))
+    return Target(spec, tuple(topology.devices), tuple(host))
 
 
 def _host_devices(count: int) -> tuple[Any, ...]:

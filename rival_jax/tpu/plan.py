@@ -1,0 +1,238 @@
+"""Plan a run for a machine this process does not have: every program compiled ahead of time, per chip.
+
+`plan` builds each program a run uses (`tpu.shapes`: inversion, reference pass, generation, VAE
+decode, and plain SD's generation as the baseline) from shapes alone, on the target's first host's
+devices (`parallel.local_mesh`), compiles it through the pipeline's own `Executables.compile`, and
+reads XLA's memory and cost analyses: bytes per device (arguments, temporaries, outputs), FLOPs and
+bytes accessed per device, each multiplied by the program's loop trips (XLA counts a loop body once).
+The roofline time of a program is max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per device.
+
+It tries the asked reference mode and N first; when a program does not fit, the other mode, then
+N halved, until something fits (or nothing does at N = 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rival_jax.core import parallel
+from rival_jax.core.reference import KEEP_MEMORY_FRACTION, feature_bytes
+from rival_jax.pipeline import programs
+from rival_jax.tpu import shapes as build
+from rival_jax.tpu.shapes import Call, ModelShapes
+from rival_jax.tpu.targets import Target
+
+MODES = ("keep", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One compiled program, per device: bytes (arguments, temporaries, outputs, of which aliased to
+    donated arguments), FLOPs and bytes accessed (loop trips multiplied in), roofline and compile seconds."""
+
+    label: str
+    arguments: int
+    temporaries: int
+    outputs: int
+    aliased: int
+    flops: float
+    bytes_accessed: float
+    roofline_s: float | None
+    compile_s: float
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.temporaries + self.outputs - self.aliased
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A run's programs for one reference mode and N, measured; `fits`: every one within `memory` per device."""
+
+    mode: str
+    variations: int
+    rival: tuple[Measurement, ...]
+    decode: Measurement
+    plain: Measurement
+    memory: int
+    images: int
+
+    @property
+    def measurements(self) -> tuple[Measurement, ...]:
+        return (*self.rival, self.decode, self.plain)
+
+    @property
+    def fits(self) -> bool:
+        return all(m.total <= self.memory for m in self.measurements)
+
+    @property
+    def seconds_per_variation(self) -> float | None:
+        """Roofline seconds of the host's run (inversion, reference, generation, decode) per variation."""
+        times = [m.roofline_s for m in (*self.rival, self.decode)]
+        return None if None in times else sum(times) / self.images
+
+    @property
+    def plain_seconds_per_image(self) -> float | None:
+        times = [self.plain.roofline_s, self.decode.roofline_s]
+        return None if None in times else sum(times) / self.images
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one host of the target runs: `exemplars` x `variations` of `steps` steps, `contexts` (1 or 2)
+    guidance contexts per exemplar, `mode` "auto", "keep" or "recompute"."""
+
+    exemplars: int
+    variations: int
+    steps: int
+    contexts: int
+    mode: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """`asked`: the run as asked (its mode: as given, or what "auto" picks); `fitting`: the first outcome that
+    fits (`asked` itself when it does), None when nothing does at N = 1."""
+
+    asked: Outcome
+    fitting: Outcome | None
+
+
+class Planner:
+    """Compiles and measures a run's programs on `target`'s first host (one `Executables`: each program once).
+
+    Args:
+        shapes: the checkpoint as shapes (`tpu.shapes.model_shapes`).
+        target: the resolved target (`targets.resolve_target`).
+        attention: the injected layers' kernel; reference_batch_size: as `RunOptions`.
+        memory: bytes one device may hold (a chip's HBM over its devices, unless given).
+        report: called with each program's label before it compiles (progress).
+
+    >>> planner = Planner(model_shapes(None, "sd1", jnp.bfloat16, None, True), resolve_target("v5e:1x1"), ...)
+    >>> plan = planner.plan(Work(1, 8, 50, 2, "auto"))
+    """
+
+    def __init__(
+        self,
+        shapes: ModelShapes,
+        target: Target,
+        attention: str,
+        reference_batch_size: int,
+        memory: int,
+        report: Callable[[str], None] = lambda label: None,
+    ) -> None:
+        self.shapes, self.target, self.memory, self.report = shapes, target, memory, report
+        mesh = parallel.local_mesh(target.local_devices)
+        self.statics = programs.Statics(shapes.modules, mesh, attention, reference_batch_size)
+        self.executables = programs.Executables()
+        self._measured: dict[tuple, tuple[Measurement, Any]] = {}
+
+    def measure(self, call: Call) -> tuple[Measurement, Any]:
+        """`call` compiled (once) and measured per device; also its output shapes."""
+        key = (call.label, call.program, jax.tree_util.tree_structure(call.args), _shapes(call.args))
+        if key not in self._measured:
+            self.report(call.label)
+            before = self.executables.timings[call.label]["compile_s"]
+            with _persistent_cache_off():  # compile-only TPU programs cannot be read back from it
+                compiled = self.executables.compile(call.label, call.program, False, call.args)
+            seconds = self.executables.timings[call.label]["compile_s"] - before
+            memory = compiled.memory_analysis()
+            cost = compiled.cost_analysis()
+            cost = (cost[0] if isinstance(cost, list) else cost) or {}
+            flops = float(cost.get("flops", 0.0)) * call.trips
+            accessed = float(cost.get("bytes accessed", 0.0)) * call.trips
+            measured = Measurement(
+                call.label,
+                int(memory.argument_size_in_bytes),
+                int(memory.temp_size_in_bytes),
+                int(memory.output_size_in_bytes),
+                int(memory.alias_size_in_bytes),
+                flops,
+                accessed,
+                self._roofline(flops, accessed),
+                seconds,
+            )
+            self._measured[key] = measured, compiled.out_info
+        return self._measured[key]
+
+    def _roofline(self, flops: float, accessed: float) -> float | None:
+        chip = self.target.spec.chip
+        if chip is None:
+            return None
+        per_device = self.target.devices_per_chip
+        return max(flops / (chip.peak_bf16_flops / per_device), accessed / (chip.hbm_bytes_per_s / per_device))
+
+    def outcome(self, work: Work, mode: str) -> Outcome:
+        """The run's programs in reference `mode` ("keep" or "recompute"), measured."""
+        shapes, statics, steps = self.shapes, self.statics, work.steps
+        rival = [self.measure(build.inversion(shapes, statics, work.exemplars, steps))[0]]
+        features = None
+        if mode == "keep":
+            measured, features = self.measure(self._reference_call(work))
+            rival.append(measured)
+        generation = build.generation(
+            shapes, statics, (work.exemplars, work.variations, steps, work.contexts), features
+        )
+        rival.append(self.measure(generation)[0])
+        images = work.exemplars * work.variations
+        decode = self.measure(build.decode(shapes, statics, images))[0]
+        plain = self.measure(build.plain(shapes, statics, images, steps))[0]
+        return Outcome(mode, work.variations, tuple(rival), decode, plain, self.memory, images)
+
+    def _reference_call(self, work: Work) -> Call:
+        """The reference pass of the exemplars as `generate_many` pads them to its mesh's rows."""
+        rows = parallel.exemplar_rows(self.statics.mesh.size, work.exemplars, work.variations)
+        padded = parallel.padded_length(work.exemplars, rows) if work.exemplars > 1 else 1
+        return build.reference(self.shapes, self.statics, padded, work.steps, work.contexts)
+
+    def auto_mode(self, work: Work) -> str:
+        """What reference mode "auto" picks in a run: keep when each device's features fit its share (as
+        `RivalPipeline` sizes them, from one traced UNet call)."""
+        contexts = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), self.shapes.cond(work.contexts))
+        unet, params = self.shapes.modules.unet, self.shapes.params["unet"]
+        per_exemplar = feature_bytes(unet, params, self.shapes.latent, contexts, work.steps)
+        rows = parallel.exemplar_rows(self.statics.mesh.size, work.exemplars, work.variations)
+        per_device = per_exemplar * (parallel.padded_length(work.exemplars, rows) // rows)
+        return "keep" if per_device <= KEEP_MEMORY_FRACTION * self.memory else "recompute"
+
+    def plan(self, work: Work) -> Plan:
+        """The run as asked, and the first that fits: the other mode, then N halved (both modes) down to 1."""
+        first = self.auto_mode(work) if work.mode == "auto" else work.mode
+        modes = (first, *(m for m in MODES if m != first))
+        asked = self.outcome(work, first)
+        if asked.fits:
+            return Plan(asked, asked)
+        variations = work.variations
+        while True:
+            for mode in modes if variations != work.variations else modes[1:]:
+                found = self.outcome(dataclasses.replace(work, variations=variations), mode)
+                if found.fits:
+                    return Plan(asked, found)
+            if variations == 1:
+                return Plan(asked, None)
+            variations //= 2
+
+
+@contextlib.contextmanager
+def _persistent_cache_off() -> Iterator[None]:
+    """JAX decides once whether its cache is used: each switch resets that decision."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
+def _shapes(tree: Any) -> tuple:
+    return tuple((x.shape, str(x.dtype), str(getattr(x, "sharding", ""))) for x in jax.tree_util.tree_leaves(tree))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 
 from rival_jax.data import storage
 from rival_jax.data.records import RecordLog, load_records
-from rival_jax.data.sinks import Item, OutputSpec, open_sink
+from rival_jax.data.sinks import STALE_SECONDS, Item, OutputSpec, open_sink
 from rival_jax.errors import RivalError
 
 # (name, label, colour) of each exemplar; "top" is a file at the source's top level, so it has no label.
@@ -398,3 +399,15 @@ def test_a_file_rewritten_for_a_changed_row_counts_only_as_the_new_row(tmp_path)
     assert [r["key"] for r in load_records(tmp_path)] == ["new-key"]
     lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["key"] == "new-key"
+
+
+def test_an_image_temporary_is_removed_only_once_no_live_write_can_own_it(tmp_path):
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    live, stale = folder / ".a_v0000.png.x1.tmp", folder / ".b_v0000.png.x2.tmp"
+    live.write_bytes(b"another process is writing this")
+    stale.write_bytes(b"a killed run left this")
+    old = time.time() - 2 * STALE_SECONDS
+    os.utime(stale, (old, old))
+    open_sink(tmp_path, OutputSpec(), process=1, overwrite=False, log=lambda line: None)
+    assert live.is_file() and not stale.exists()

@@ -13,10 +13,12 @@ that wrote it, so no file is listed by two records.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import posixpath
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ FORMATS = ("files", "webdataset", "parquet")
 FIRST_FIELDS = ("label", "source_id", "source", "variation_index", "seed")
 INDEX = "metadata.jsonl"
 _OUTPUT_FOLDERS = ("images", *SHARD_FOLDERS.values())
+STALE_SECONDS = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +120,16 @@ class Sink:
         return [f"{self._folder}/{name}" for name in storage.list_files(self._location(self._folder))]
 
     def _remove_temporaries(self) -> None:
-        """Temporaries a killed run left behind (this process's, for shards)."""
+        """Temporaries a killed run left behind: this process's shards', and image files' older than a minute
+        (a live write takes milliseconds; their names do not say which process writes them)."""
         if self.url:
             return
         for folder in _OUTPUT_FOLDERS:
             prefix = "." if folder == "images" else f".{self.process:04d}-"
             for stale in Path(self._location(folder)).rglob(f"{prefix}*.tmp"):
-                stale.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    if folder != "images" or time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                        stale.unlink()
 
     def _start_over(self) -> int:
         listed = {r["file"] for r in self.records.own() if _inside(r["file"])}

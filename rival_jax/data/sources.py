@@ -29,7 +29,7 @@ from rival_jax.errors import RivalError
 from rival_jax.jobs.authors import is_image_config
 from rival_jax.jobs.settings import ROW_FIELDS, merge_settings, parse_text_value
 
-__all__ = ["Entry", "Listing", "Row", "derive_seed", "list_rows", "load_row"]
+__all__ = ["Entry", "Listing", "Row", "derive_seed", "list_rows", "load_row", "row_settings"]
 TEMPLATES = ("prompt", "inversion_prompt")
 
 
@@ -104,7 +104,7 @@ def list_rows(
             continue
         columns |= set(entry.columns)
         try:
-            rows.append(Row(entry, _settings(entry, defaults, prompt_column)))
+            rows.append(Row(entry, row_settings(entry, defaults, prompt_column)))
         except RivalError as error:
             problems.append(_problem(entry.id, str(error)))
     if not rows and not problems:
@@ -177,7 +177,11 @@ def _problem(where: str, reason: str) -> str:
     return f"row {where} skipped: {reason}".replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _settings(entry: Entry, defaults: dict[str, Any], prompt_column: str | None) -> dict[str, Any]:
+def row_settings(entry: Entry, defaults: dict[str, Any], prompt_column: str | None = None) -> dict[str, Any]:
+    """An entry's settings: its setting columns over `defaults`, prompts from a column or templates, its seed.
+
+    >>> row_settings(entry, {"steps": 50}, prompt_column="caption")["prompt"]  # the row's caption
+    """
     values = {
         k: parse_text_value(k, v) if isinstance(v, str) else v
         for k, v in entry.columns.items()

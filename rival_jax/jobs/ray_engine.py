@@ -29,7 +29,7 @@ from PIL import Image
 from rival_jax.data.encoding import encode, parse_size
 from rival_jax.data.entries import jsonable, make_entry, relative_id
 from rival_jax.data.sinks import Item, OutputSpec, metadata_row, open_sink
-from rival_jax.data.sources import Row, _settings, load_row
+from rival_jax.data.sources import Row, load_row, row_settings
 from rival_jax.data.storage import is_url
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import log, one_line
@@ -92,7 +92,7 @@ def batch_rows(
                 raise RivalError(f"no image column ({', '.join(IMAGE_COLUMNS)}): name the image column image")
             columns = _columns(record)
             entry = make_entry(id, origin, label, columns, _image_bytes(image))
-            rows.append(Row(entry, _settings(entry, settings, prompt_column)))
+            rows.append(Row(entry, row_settings(entry, settings, prompt_column)))
         except RivalError as error:
             problems.append((id, str(error)))
     return rows, problems

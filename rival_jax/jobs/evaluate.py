@@ -35,7 +35,7 @@ SUMMARY_KEYS = ("clip_image", "clip_text", "palette", "kid", "kid_std", "diversi
 
 
 @dataclasses.dataclass(frozen=True)
-class Entry:
+class GeneratedImage:
     """One generated image: its file (relative to the folder), its exemplar and its prompt."""
 
     file: str
@@ -49,7 +49,7 @@ class FolderImages:
     weights (None: its records do not say), and its traces."""
 
     kind: str
-    entries: list[Entry]
+    entries: list[GeneratedImage]
     random_weights: bool | None
     traces: dict | None
 
@@ -57,7 +57,7 @@ class FolderImages:
 def _generate_entries(folder: Path) -> FolderImages:
     try:
         sidecar = json.loads((folder / SIDECAR).read_text())
-        entries = [Entry(i["file"], folder / "exemplar.png", sidecar["prompt"]) for i in sidecar["images"]]
+        entries = [GeneratedImage(i["file"], folder / "exemplar.png", sidecar["prompt"]) for i in sidecar["images"]]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise RivalError(f"{folder / SIDECAR} is not a generate sidecar ({error}): rerun generate") from None
     return FolderImages("generate", entries, bool(sidecar.get("random_weights")), None)
@@ -65,7 +65,7 @@ def _generate_entries(folder: Path) -> FolderImages:
 
 def _augment_entries(folder: Path) -> FolderImages:
     records = read_records(folder)
-    entries = {record.file: Entry(record.file, record.image, record.prompt) for record in records}
+    entries = {record.file: GeneratedImage(record.file, record.image, record.prompt) for record in records}
     said = {record.random_weights for record in records} - {None}
     return FolderImages("augment", list(entries.values()), True in said if said else None, None)
 

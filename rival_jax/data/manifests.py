@@ -77,23 +77,33 @@ def manifest_entries(source: str) -> Iterator[Entry | Skipped]:
         elif not isinstance(image, str) or not image.strip() or "\0" in image:
             yield Skipped(where, f"image {image!r} is not a file path: give a path relative to the manifest's folder")
         else:
-            yield _manifest_entry(base, image, values)
+            try:
+                yield _manifest_entry(base, image, values, csv=source.lower().endswith(".csv"))
+            except RivalError as error:
+                yield Skipped(where, str(error))
 
 
-def _manifest_entry(base: str, image: str, values: dict[str, Any]) -> Entry:
+def _manifest_entry(base: str, image: str, values: dict[str, Any], csv: bool) -> Entry:
     columns = {k: v for k, v in values.items() if k != "image"}
+    maps = columns.get("control_image")
+    if csv and isinstance(maps, str) and maps.lstrip().startswith("["):  # a CSV cell's list: JSON
+        try:
+            columns["control_image"] = json.loads(maps)
+        except json.JSONDecodeError as error:
+            fix = 'write ["a.png", "b.png"]'
+            raise RivalError(f"control_image {maps!r} is not a JSON list ({error.msg}): {fix}") from None
     for name in PATH_COLUMNS:
-        paths = columns.get(name)
-        if isinstance(paths, list):
-            columns[name] = [_joined(base, p) for p in paths]
-        elif paths not in (None, ""):
-            columns[name] = _joined(base, paths)
+        if columns.get(name) not in (None, ""):
+            columns[name] = _joined(base, columns[name])
     location = storage.join(base, image)
     location = location if storage.is_url(location) else os.path.normpath(location)
     return make_entry(relative_id(location, base), location, None, columns, location)
 
 
 def _joined(base: str, value: Any) -> Any:
+    """A path (or the paths of a list, lists inside it too) joined to `base`; "canny" and non-paths kept."""
+    if isinstance(value, list):
+        return [_joined(base, v) for v in value]
     return storage.join(base, value) if isinstance(value, str) and value and value != "canny" else value
 
 

@@ -192,12 +192,16 @@ def run_job(job: AugmentOptions, options: RunOptions, row: dict[str, Any]) -> in
     from rival_jax.metrics.clip import check_clip_name
 
     defaults = merge_settings(row)
-    check_control(options, defaults)
     if job.filters:
         check_clip_name(job.scoring_clip)
         ClipFilter(None, job.keep_best).check_row(defaults["num_variations"])
     output = check_output(job.output)
     listing = list_rows(job.source, row, model=str(job.model), split=job.split, prompt_column=job.prompt_column)
+    for listed in listing.rows:  # every row's maps fit its ControlNets and variations, before anything runs
+        try:
+            check_control(options, listed.settings)
+        except RivalError as error:
+            raise RivalError(one_line(f"row {listed.id}: {error}")) from None
     if listing.extra_columns:
         log(f"columns carried into the metadata (not settings): {', '.join(listing.extra_columns)}")
     process_index, process_count = job_position(job)

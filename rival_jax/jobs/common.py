@@ -65,17 +65,68 @@ def show_progress(job: CommonOptions) -> bool:
 
 
 def check_control(options: RunOptions, settings: dict[str, Any]) -> None:
-    """ControlNets and their maps must come together, one map per ControlNet (before anything loads)."""
-    maps, count = settings["control_image"], len(options.controlnet)
-    given = 0 if maps is None else len(maps) if isinstance(maps, list) else 1
-    if count and not given:
-        raise RivalError(
-            "--controlnet needs a map: add --control-image FILE (at the exemplar's size) or --control canny"
-        )
-    if given and not count:
+    """ControlNets and their maps must come together, in `control_entries`' shape (before anything loads)."""
+    control_entries(settings["control_image"], len(options.controlnet), settings["num_variations"])
+
+
+def control_entries(maps: Any, controlnets: int, variations: int) -> list | None:
+    """`control_image` as one entry per ControlNet, each one map for every variation or a list of one per variation.
+
+    The shape settings and manifest rows give: with one ControlNet, a map or a list of `variations`
+    maps (one per variation, in order); with K ControlNets, a list of K entries (a single entry is
+    used by all K), each a map or a list of `variations` maps. A list of one map is that map. A map is
+    a path, an image or "canny" (the exemplar's edges: one map for every variation). Anything else is
+    one `RivalError` line naming the fix.
+
+    Args:
+        maps: the `control_image` setting (None: no map).
+        controlnets: how many ControlNets are loaded (`--controlnet`).
+        variations: the row's number of variations.
+
+    >>> control_entries(["e0.png", "e1.png"], 1, 2), control_entries(["canny", ["d0.png", "d1.png"]], 2, 2)
+    ([['e0.png', 'e1.png']], ['canny', ['d0.png', 'd1.png']])
+    """
+    if maps is None or maps == []:
+        if controlnets:
+            raise RivalError(
+                "--controlnet needs a map: add --control-image FILE (at the exemplar's size) or --control canny"
+            )
+        return None
+    if not controlnets:
         raise RivalError("a control image needs a ControlNet: add --controlnet PATH_OR_HUB_ID")
-    if given not in (1, count):
-        raise RivalError(f"{given} control images for {count} ControlNets: give one per --controlnet")
+    entries = maps if isinstance(maps, list) else [maps]
+    if controlnets == 1 and len(entries) > 1 and not any(isinstance(entry, list) for entry in entries):
+        entries = [entries]  # one ControlNet: a flat list is one map per variation
+    entries = entries * controlnets if len(entries) == 1 else entries
+    if len(entries) != controlnets:
+        raise RivalError(
+            f"{len(entries)} control images for {controlnets} ControlNets: give one entry per --controlnet, "
+            f"each a map or a list of {variations} maps (one per variation)"
+        )
+    return [_entry(entry, k, controlnets, variations) for k, entry in enumerate(entries)]
+
+
+def _entry(entry: Any, k: int, controlnets: int, variations: int) -> Any:
+    """One ControlNet's entry: a map, or a list of one map per variation."""
+    if not isinstance(entry, list):
+        return entry
+    whose = f" (ControlNet {k + 1} of {controlnets})" if controlnets > 1 else ""
+    if any(isinstance(m, list) for m in entry):
+        raise RivalError(
+            f"control_image nests a list in a list of maps{whose}: give each ControlNet one map or one flat list "
+            f"of {variations} maps (one per variation)"
+        )
+    if len(entry) not in (1, variations):
+        raise RivalError(
+            f"control_image has {len(entry)} maps for {variations} variations{whose}: "
+            f"give one map for all variations or a list of {variations} maps (one per variation)"
+        )
+    if any(isinstance(m, str) and m == "canny" for m in entry) and len(entry) > 1:
+        raise RivalError(
+            f'control_image lists "canny" among maps per variation{whose}: the exemplar\'s edges are one map '
+            'for every variation: give "canny" alone as its entry'
+        )
+    return entry[0] if len(entry) == 1 else entry
 
 
 def read_exemplar(
@@ -87,18 +138,35 @@ def read_exemplar(
     `images.check_exemplar_size` under `options`' geometry; errors are one line.
     """
     exemplar = images.as_rgb(images.open_image(path), f"exemplar {path}")
-    options = options or RunOptions()
-    images.check_exemplar_size(exemplar.size, options.size, options.square_crop, f"exemplar {path}")
+    return (exemplar, *read_extras(exemplar, mask, control_images, options or RunOptions(), f"exemplar {path}"))
+
+
+def read_extras(
+    exemplar: Image.Image, mask: str | Path | None, control_images: Any, options: RunOptions, name: str = "exemplar"
+) -> tuple[Image.Image | None, list | None]:
+    """An opened exemplar's size checked (`images.check_exemplar_size`), its mask and ControlNet maps opened.
+
+    Maps are files at the exemplar's size or "canny", in `control_images`' shape (one entry, a list, or
+    lists of maps per variation inside it); errors are one line.
+
+    >>> mask, maps = read_extras(exemplar, "mask.png", ["edges.png"], RunOptions())
+    """
+    images.check_exemplar_size(exemplar.size, options.size, options.square_crop, name)
+
+    def opened(entry: Any) -> Any:
+        if isinstance(entry, list):
+            return [opened(m) for m in entry]
+        if isinstance(entry, str) and entry == "canny":
+            return entry
+        entry = images.open_image(entry, "control image")
+        if entry.size != exemplar.size:
+            raise RivalError(
+                f"control image {entry.filename or ''} is {entry.size[0]}x{entry.size[1]} but the exemplar "
+                f"is {exemplar.size[0]}x{exemplar.size[1]}: make the map at the exemplar's size"
+            )
+        return entry
+
     maps = None
     if control_images is not None:
-        maps = []
-        for entry in control_images if isinstance(control_images, list) else [control_images]:
-            if entry != "canny":
-                entry = images.open_image(entry, "control image")
-                if entry.size != exemplar.size:
-                    raise RivalError(
-                        f"control image {entry.filename or ''} is {entry.size[0]}x{entry.size[1]} but the exemplar "
-                        f"is {exemplar.size[0]}x{exemplar.size[1]}: make the map at the exemplar's size"
-                    )
-            maps.append(entry)
-    return exemplar, images.open_mask(mask, exemplar.size) if mask else None, maps
+        maps = opened(control_images if isinstance(control_images, list) else [control_images])
+    return images.open_mask(mask, exemplar.size) if mask else None, maps

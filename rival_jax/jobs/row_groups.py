@@ -17,8 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-from rival_jax import images
 from rival_jax.errors import RivalError
+from rival_jax.jobs.common import control_entries, read_extras
 from rival_jax.jobs.settings import generation_arguments
 from rival_jax.pipeline import ExemplarGroup, Request
 from rival_jax.pipeline.inputs import context_count
@@ -62,24 +62,17 @@ class Pending:
             save(self.exemplar, sorted(self.made.items()))
 
 
-def read_extras(
-    exemplar: Image.Image, settings: dict[str, Any], options: Any
-) -> tuple[Image.Image | None, list | None]:
-    """A row's mask and ControlNet maps (files at the exemplar's size, or "canny"), the exemplar's size checked."""
-    images.check_exemplar_size(exemplar.size, options.size, options.square_crop)
-    mask = images.open_mask(settings["mask"], exemplar.size) if settings["mask"] else None
-    entries = settings["control_image"]
+def read_controls(pipe: Any, exemplar: Image.Image, settings: dict[str, Any]) -> tuple[Image.Image | None, list | None]:
+    """A row's mask and its maps, one entry per ControlNet (`jobs.common.control_entries`), opened and checked."""
+    maps = control_entries(settings["control_image"], len(pipe.controlnets), settings["num_variations"])
+    return read_extras(exemplar, settings["mask"], maps, pipe.options)
+
+
+def maps_of(entries: list | None, indices: list[int]) -> list | None:
+    """The maps of variations `indices`: an entry's list of maps per variation narrowed to them, in order."""
     if entries is None:
-        return mask, None
-    entries = entries if isinstance(entries, list) else [entries]
-    maps = [entry if entry == "canny" else images.open_image(entry, "control image") for entry in entries]
-    for entry in maps:
-        if entry != "canny" and entry.size != exemplar.size:
-            raise RivalError(
-                f"control image {entry.filename or ''} is {entry.size[0]}x{entry.size[1]} but the exemplar "
-                f"is {exemplar.size[0]}x{exemplar.size[1]}: make the map at the exemplar's size"
-            )
-    return mask, maps
+        return None
+    return [[entry[i] for i in indices] if isinstance(entry, list) else entry for entry in entries]
 
 
 def exemplar_batch(pipe: Any) -> int:
@@ -114,7 +107,7 @@ def run_rows(
     waiting: dict[tuple, list[Pending]] = {}
     for exemplar, indices in work:
         try:
-            mask, control_maps = read_extras(exemplar.image, exemplar.row.settings, pipe.options)
+            mask, control_maps = read_controls(pipe, exemplar.image, exemplar.row.settings)
         except RivalError as error:
             report(exemplar.row.id, "skipped", str(error))
             continue
@@ -132,12 +125,12 @@ def run_rows(
 
 def _run_alone(pipe: Any, pending: Pending, batch_size: int, save: Save, report: Report) -> None:
     try:
-        settings = {**pending.row.settings, "control_image": pending.control_maps}
+        settings = pending.row.settings
         chain = pipe.invert(pending.exemplar.image, settings["inversion_prompt"], settings["steps"])
         todo = [index for index in pending.indices if index not in pending.made]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            arguments = generation_arguments(settings)
+            arguments = generation_arguments({**settings, "control_image": maps_of(pending.control_maps, chunk)})
             out = pipe.generate(chain, **arguments, mask=pending.mask, variation_indices=chunk, batch_size=batch_size)
             for index, image in zip(chunk, out.images, strict=True):
                 pending.add(index, image, save)

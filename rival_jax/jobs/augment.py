@@ -21,14 +21,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rival_jax.data.sinks import Item, OutputSpec, open_sink
-from rival_jax.data.sources import Row, list_rows, load_row
+from rival_jax.data.sinks import OutputSpec, open_sink
+from rival_jax.data.sources import Row, list_rows
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import Interrupted, check_control, load_pipeline, log, one_line, prepare_runtime
 from rival_jax.jobs.common import show_progress as progress_wanted
@@ -36,8 +36,9 @@ from rival_jax.jobs.filtering import ClipFilter
 from rival_jax.jobs.hosts import job_position, process_share
 from rival_jax.jobs.locks import check_output, output_lock
 from rival_jax.jobs.options import DEFAULT_BATCH_SIZE, AugmentOptions
-from rival_jax.jobs.outcomes import Summary, metadata
-from rival_jax.jobs.row_groups import Exemplar, run_rows
+from rival_jax.jobs.outcomes import Summary
+from rival_jax.jobs.row_groups import Exemplar
+from rival_jax.jobs.row_work import augment_rows
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
@@ -106,51 +107,33 @@ def run_augment(
     shares = _shares(usable, process_index, process_count, whole_rows)
     total = sum(len(indices) for _, indices in shares)
     bar = tqdm(total=total, unit="img", desc="augment", disable=not show_progress, file=sys.stderr)
-    wanted: dict[str, set[int]] = {}
+    wanted = {row.id: len(indices) for row, indices in shares}  # a row's items still to make or skip
 
     def report(row_id: str, kind: str, message: str) -> None:
         if kind == "skipped":
             summary.skipped_rows += 1
-            bar.update(len(wanted.pop(row_id, ())))
+            bar.update(wanted.pop(row_id, 0))
         else:
             summary.failed_rows += 1
         summary.problems.append(one_line(f"row {row_id} {kind}: {message}"))
         log(summary.problems[-1])
 
-    def work() -> Iterator[tuple[Exemplar, list[int]]]:
-        for row, indices in shares:
-            try:
-                image, key, converted = load_row(row, model=model)
-            except RivalError as error:
-                wanted[row.id] = set(indices)
-                report(row.id, "skipped", str(error))
-                continue
-            summary.converted += converted
-            todo = [i for i in indices if (key, i) not in done]
-            summary.already_done += len(indices) - len(todo)
-            bar.update(len(indices) - len(todo))
-            if todo:
-                wanted[row.id] = set(todo)
-                yield Exemplar(row, image, key), indices if whole_rows else todo
+    def loaded(row: Row, key: str, converted: bool, finished: list[int]) -> None:
+        summary.converted += converted
+        summary.already_done += len(finished)
+        wanted[row.id] -= len(finished)
+        bar.update(len(finished))
 
-    def save(exemplar: Exemplar, made: list[tuple[int, Image.Image]]) -> None:
-        """A row's variations (all of them when filtering: CLIP scores a row at once), kept or dropped."""
-        row, images = exemplar.row, dict(made)
-        decisions = clip_filter.decide(exemplar.image, images) if clip_filter else [None] * len(made)
-        for (index, image), decision in zip(made, decisions, strict=True):
-            if index not in wanted.get(row.id, ()):
-                continue  # finished before: made again only for --keep-best's ranking
-            kept = decision is None or decision.kept
-            described = metadata(row, pipe.random_weights, decision)
-            sink.add(Item(exemplar.key, index, row.name, described, exemplar.image.size), image if kept else None)
-            summary.generated += 1
-            summary.dropped += not kept
-            bar.update(1)
+    def made(exemplar: Exemplar, index: int, image: Image.Image | None, described: dict, kept: bool) -> None:
+        summary.generated += 1
+        summary.dropped += not kept
+        bar.update(1)
 
     started = time.perf_counter()
     try:
         with CompileTimer() as compiling, bar:
-            run_rows(pipe, work(), batch_size, save, report, whole_rows=clip_filter is not None)
+            work = {"model": model, "batch_size": batch_size, "sink": sink, "clip_filter": clip_filter}
+            augment_rows(pipe, shares, done, **work, report=report, loaded=loaded, made=made)
     except KeyboardInterrupt:
         sink.close()
         finished = summary.generated + summary.already_done

@@ -1,7 +1,7 @@
 """Augmentation on Ray Data: `RivalVariations`, a callable class for `ray.data.Dataset.map_batches`.
 
 Each actor loads one `RivalPipeline`; a batch of exemplar rows goes in, one row per variation comes
-out. Generation is the local job's (`jobs.row_groups.run_rows`; ids, seeds and keys from
+out. Each row is the local job's work (`jobs.row_work.augment_rows`; ids, seeds and keys from
 `data.sources`; metadata from `jobs.outcomes`; the filters of `jobs.filtering`), so every image is
 pixel-identical to a one-process run's.
 
@@ -28,15 +28,15 @@ from PIL import Image
 
 from rival_jax.data.encoding import encode, parse_size
 from rival_jax.data.entries import jsonable, make_entry, relative_id
-from rival_jax.data.sinks import Item, OutputSpec, metadata_row, open_sink
-from rival_jax.data.sources import Row, load_row, row_settings
+from rival_jax.data.sinks import OutputSpec, metadata_row, open_sink
+from rival_jax.data.sources import Row, row_settings
 from rival_jax.data.storage import is_url
 from rival_jax.errors import RivalError
 from rival_jax.jobs.common import log, one_line
 from rival_jax.jobs.filtering import ClipFilter
 from rival_jax.jobs.options import DEFAULT_BATCH_SIZE
-from rival_jax.jobs.outcomes import metadata
-from rival_jax.jobs.row_groups import Exemplar, run_rows
+from rival_jax.jobs.row_groups import Exemplar
+from rival_jax.jobs.row_work import augment_rows
 from rival_jax.options import RunOptions
 from rival_jax.progress import CompileTimer
 
@@ -224,7 +224,6 @@ class RivalVariations:
         out: dict[str, list] = {name: [] for name in COLUMNS}
         sink = self._sink()
         done = set() if sink is None else sink.finished()
-        whole_rows = self.filter is not None and self.filter.keep_best is not None
         converted: set[str] = set()
 
         def add(row: Row, key: str, index: int, status: str, image: bytes | None = None, described=None, message=""):
@@ -238,51 +237,32 @@ class RivalVariations:
         def report(row_id: str, kind: str, message: str) -> None:
             add(by_id[row_id], "", -1, kind, message=one_line(message))
 
-        def work():
-            for row in rows:
-                try:
-                    image, key, was_converted = load_row(row, model=self.model)
-                    if self.filter is not None:
-                        self.filter.check_row(row.settings["num_variations"])
-                except RivalError as error:
-                    report(row.id, "skipped", str(error))
-                    continue
-                if was_converted:
-                    converted.add(row.id)
-                indices = list(range(row.settings["num_variations"]))
-                for index in indices:
-                    if (key, index) in done:
-                        add(row, key, index, "done")
-                todo = [index for index in indices if (key, index) not in done]
-                if todo:
-                    yield Exemplar(row, image, key), indices if whole_rows else todo
+        def loaded(row: Row, key: str, was_converted: bool, finished: list[int]) -> None:
+            if was_converted:
+                converted.add(row.id)
+            for index in finished:
+                add(row, key, index, "done")
 
-        def save(exemplar: Exemplar, made: list[tuple[int, Image.Image]]) -> None:
-            row, key = exemplar.row, exemplar.key
-            decisions = self.filter.decide(exemplar.image, dict(made)) if self.filter else [None] * len(made)
-            for (index, image), decision in zip(made, decisions, strict=True):
-                if (key, index) in done:
-                    continue  # made again only for --keep-best's ranking
-                kept = decision is None or decision.kept
-                described = metadata(row, self.pipe.random_weights, decision)
-                status = "generated" if kept else "dropped"
-                if sink is None:
-                    stamp = {"key": key, "variation_index": index}
-                    spec, size = self.spec, parse_size(self.spec.size)
-                    data = encode(image, spec.image_format, spec.quality, size, exemplar.image.size, stamp)
-                    data = data if kept else None
-                    add(row, key, index, status, data, described)
-                    continue
-                sink.add(Item(key, index, row.name, described, exemplar.image.size), image if kept else None)
+        def made(exemplar: Exemplar, index: int, image: Image.Image | None, described: dict, kept: bool) -> None:
+            row, key, status = exemplar.row, exemplar.key, "generated" if kept else "dropped"
+            if sink is not None:
                 add(row, key, index, status, None, described)
                 _fault()
+                return
+            data = None
+            if image is not None:
+                spec, stamp = self.spec, {"key": key, "variation_index": index}
+                data = encode(image, spec.image_format, spec.quality, parse_size(spec.size), exemplar.image.size, stamp)
+            add(row, key, index, status, data, described)
 
         for id, problem in problems:
             row = Row(make_entry(id, id, None, {}, b""), {})
             by_id[id] = row
             report(id, "skipped", problem)
+        shares = [(row, list(range(row.settings["num_variations"]))) for row in rows]
+        work = {"model": self.model, "batch_size": self.batch_size, "sink": sink, "clip_filter": self.filter}
         with CompileTimer() as compiling:
-            run_rows(self.pipe, work(), self.batch_size, save, report, whole_rows=whole_rows)
+            augment_rows(self.pipe, shares, done, **work, report=report, loaded=loaded, made=made)
         if sink is not None and (self.spec.format != "files" or is_url(self.output)):
             sink.close()  # commits the batch's shard or records before Ray hears it is done
             self.open = None

@@ -156,7 +156,8 @@ def main() -> None:
     print(f"model: {models.path} ({models.family}, {weights}); ", end="")
     print(f"device: {device.device_kind} ({device.platform}) x {pipe.mesh.size}; dtype {pipe.dtype.__name__}")
     for controlnet in pipe.controlnets:
-        print(f"ControlNet: {controlnet.path} ({controlnet.source}), params {pipe.dtype.__name__}, on Canny edges")
+        kind = f"{controlnet.path} ({controlnet.source}), params {pipe.dtype.__name__}"
+        print(f"ControlNet: {kind}, on Canny edges", flush=True)
 
     params = pipe.params["unet"]
     timesteps = models.schedule.timesteps(args.steps)
@@ -252,7 +253,8 @@ def main() -> None:
             )
         )
         memory.append((count, generation.gib, plains[0].gib))
-        print(f"N={count}: ratio {rows[-1][1]:.3f}, like-for-like {rows[-1][2]:.3f}", flush=True)
+        share = f", ControlNet share of a plain step {rows[-1][-1]:.3f}" if control else ""
+        print(f"N={count}: ratio {rows[-1][1]:.3f}, like-for-like {rows[-1][2]:.3f}{share}", flush=True)
 
     print()
     header = ("N", "ratio", "ratio*", "UNet/var", "UNet/plain", "s/var", "gen s", "plain s", "plain* s")

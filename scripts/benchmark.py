@@ -9,11 +9,16 @@ times, the exemplar's feature size and the reference mode picked, the memory XLA
 program and the device's peak memory where the backend reports it. `--stages` also times the
 generation program with every step forced into one attention stage, to show where the time goes.
 The run-option flags (--dtype, --resolution, --attention, --reference-mode, ...) are the CLI's.
+With ControlNets (`--controlnet`, or `--random-controlnet`: random weights shaped for the UNet) both
+sides run them on the exemplar's Canny edges (the plain side as diffusers' ControlNet pipelines),
+and a plain program without them gives the ControlNets' share of a plain step.
 
     python scripts/benchmark.py                                   # tiny SD 1.x model, CPU-friendly
     python scripts/benchmark.py --model tiny-sdxl --reference-mode recompute --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 256 --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 1024 --steps 30 --dtype bfloat16 --counts 4,8   # GPU
+    python scripts/benchmark.py --family sdxl --random-controlnet --dtype bfloat16 \
+        --resolution 256 --steps 3 --counts 2,4 --repeats 1       # SDXL + ControlNet, both random
 
 `--devices D` prints instead the per-device cost table of `scripts/cost_analysis.py` (XLA's cost
 analysis of the sharded programs on D host devices; no accelerator, no weights):

@@ -9,11 +9,16 @@ times, the exemplar's feature size and the reference mode picked, the memory XLA
 program and the device's peak memory where the backend reports it. `--stages` also times the
 generation program with every step forced into one attention stage, to show where the time goes.
 The run-option flags (--dtype, --resolution, --attention, --reference-mode, ...) are the CLI's.
+With ControlNets (`--controlnet`, or `--random-controlnet`: random weights shaped for the UNet) both
+sides run them on the exemplar's Canny edges (the plain side as diffusers' ControlNet pipelines),
+and a plain program without them gives the ControlNets' share of a plain step.
 
     python scripts/benchmark.py                                   # tiny SD 1.x model, CPU-friendly
     python scripts/benchmark.py --model tiny-sdxl --reference-mode recompute --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 256 --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 1024 --steps 30 --dtype bfloat16 --counts 4,8   # GPU
+    python scripts/benchmark.py --family sdxl --random-controlnet --dtype bfloat16 \
+        --resolution 256 --steps 3 --counts 2,4 --repeats 1       # SDXL + ControlNet, both random
 
 `--devices D` prints instead the per-device cost table of `scripts/cost_analysis.py` (XLA's cost
 analysis of the sharded programs on D host devices; no accelerator, no weights):
@@ -34,15 +39,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rival_jax import InversionChain, RivalConfig, RivalError, RivalPipeline, RunOptions, example_image
+from rival_jax import InversionChain, RivalConfig, RivalError, RunOptions, example_image
 from rival_jax.core import parallel
 from rival_jax.core.reference import reference_batches
 from rival_jax.core.sampler import GenerationInputs
 from rival_jax.models.families import FAMILIES
-from rival_jax.models.random_models import random_full_models
-from rival_jax.options import FIELDS, add_arguments, resolve_dtype
-from rival_jax.pipeline import programs
+from rival_jax.options import add_arguments
+from rival_jax.pipeline import baseline, programs
+from rival_jax.pipeline.control_maps import control_inputs
 from rival_jax.pipeline.inputs import entry
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_models import load_pipeline
 
 # `--stages`: the RivalConfig switches that put every step in one attention stage (AdaIN off).
 STAGES = {
@@ -112,6 +120,11 @@ def parse_arguments() -> argparse.Namespace:
     )
     source.add_argument("--family", choices=FAMILIES, help="full SD 1.5/2.1/SDXL base architecture, random weights")
     add_arguments(parser, RunOptions)
+    parser.add_argument(
+        "--random-controlnet",
+        action="store_true",
+        help="add a random ControlNet shaped for the UNet (full SDXL: controlnet-canny-sdxl-1.0), on Canny edges",
+    )
     parser.add_argument("--steps", type=positive, default=10)
     parser.add_argument("--counts", type=counts, default="1,4,16", help="numbers of variations N, comma-separated")
     parser.add_argument("--prompt", default="a photo", help="exemplar prompt (empty = null inversion, one context)")
@@ -137,14 +150,6 @@ def cost_table(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def load_pipeline(args: argparse.Namespace) -> RivalPipeline:
-    """The pipeline on `--family` (random full architecture) or `--model`, with the run options given."""
-    options = RunOptions(**{name: value for name, value in vars(args).items() if name in FIELDS})
-    if args.family:
-        return RivalPipeline(random_full_models(args.family, resolve_dtype(options.dtype)), options)
-    return RivalPipeline.from_pretrained(args.model, options)
-
-
 def main() -> None:
     """Load, invert the bundled exemplar, then time plain and RIVAL per N and print the tables."""
     args = parse_arguments()
@@ -155,6 +160,9 @@ def main() -> None:
     weights = "random weights" if pipe.random_weights else "trained weights"
     print(f"model: {models.path} ({models.family}, {weights}); ", end="")
     print(f"device: {device.device_kind} ({device.platform}) x {pipe.mesh.size}; dtype {pipe.dtype.__name__}")
+    for controlnet in pipe.controlnets:
+        kind = f"{controlnet.path} ({controlnet.source}), params {pipe.dtype.__name__}"
+        print(f"ControlNet: {kind}, on Canny edges", flush=True)
 
     params = pipe.params["unet"]
     timesteps = models.schedule.timesteps(args.steps)
@@ -191,6 +199,12 @@ def main() -> None:
 
     config = RivalConfig(guidance_scale=args.guidance)
     conditioning = pipe.encode_prompt(["", args.prompt], size)
+    control = control_inputs(pipe.controlnets, chain, pipe.dtype, "canny" if pipe.controlnets else None, (1, 0, 1))
+    # Plain programs: diffusers' attention, RIVAL's kernel (plain*), and with ControlNets one without them.
+    kinds = [(pipe.statics, None, control), (pipe.statics, options.attention, control)]
+    if control is not None:
+        modules = dataclasses.replace(pipe.statics.modules, controlnets=())
+        kinds.append((dataclasses.replace(pipe.statics, modules=modules), None, None))
     rows, memory = [], []
     for count in args.counts:
         mesh = parallel.exemplar_mesh(pipe.mesh, 1, count)
@@ -198,15 +212,15 @@ def main() -> None:
         noise = jax.random.normal(jax.random.PRNGKey(0), (length, *chain.latents.shape[1:]))
         guidance = jnp.float32(args.guidance)
         plain_inputs = parallel.place(
-            programs.PlainInputs(noise, conditioning, jnp.asarray(timesteps), guidance), pipe.mesh
+            programs.PlainInputs(noise, conditioning, jnp.asarray(timesteps), guidance, control), pipe.mesh
         )
         plains = [
             Timed(
-                programs.Program(programs.plain, dataclasses.replace(pipe.statics, attention=kernel))(False),
+                programs.Program(baseline.plain, dataclasses.replace(statics, attention=kernel))(False),
                 params,
-                plain_inputs,
+                plain_inputs.replace(control=controls),
             )
-            for kernel in (None, options.attention)
+            for statics, kernel, controls in kinds
         ]
         one = jax.tree_util.tree_map(lambda x: x[None], (noise, chain.latents, conditioning, contexts, chain.reference))
         inputs = GenerationInputs(
@@ -218,6 +232,7 @@ def main() -> None:
             region=jnp.ones((1, latent_height, latent_width), bool),
             settings=config.as_arrays(),
             timesteps=jnp.asarray(timesteps),
+            control=control,
         )
         inputs = parallel.place(inputs, mesh)
         statics = dataclasses.replace(pipe.statics, mesh=mesh)
@@ -236,22 +251,27 @@ def main() -> None:
                 2 * args.steps,
                 rival_seconds / count,
                 generation.seconds,
-                *plain_seconds,
+                *plain_seconds[:2],
                 generation.compile_seconds,
                 plains[0].compile_seconds,
+                *((plain_seconds[2], 1 - plain_seconds[2] / plain_seconds[0]) if control else ()),
             )
         )
         memory.append((count, generation.gib, plains[0].gib))
-        print(f"N={count}: ratio {rows[-1][1]:.3f}, like-for-like {rows[-1][2]:.3f}", flush=True)
+        share = f", ControlNet share of a plain step {rows[-1][-1]:.3f}" if control else ""
+        print(f"N={count}: ratio {rows[-1][1]:.3f}, like-for-like {rows[-1][2]:.3f}{share}", flush=True)
 
     print()
     header = ("N", "ratio", "ratio*", "UNet/var", "UNet/plain", "s/var", "gen s", "plain s", "plain* s")
-    print(table((*header, "gen compile", "plain compile"), rows))
+    print(table((*header, "gen compile", "plain compile", *(("plain-CN s", "CN share") if control else ())), rows))
     print(f"\nratio = ({' + '.join(exemplar_programs)} + generation of N) / N  /  (plain batch of N / N)")
     print("plain: diffusers' UNet as is; plain*: its self-attention layers computed by the kernel of RIVAL's")
     print(f"injected layers ({options.attention}), so ratio* is the cost of the method alone")
     if mode == "recompute":
         print(f"UNet/var counts the {contexts.size} exemplar entries each generation step recomputes")
+    if control:
+        print("with ControlNet: RIVAL and both plains run it on the generated images' 2 guidance halves every step;")
+        print("plain-CN: plain without it; CN share = 1 - plain-CN / plain: the ControlNet's share of a plain step")
     print(f"\nprogram memory (XLA buffer assignment: arguments + outputs + temporaries), device {device.device_kind}:")
     print("; ".join(f"{name} {program.gib:.2f} GiB" for name, program in exemplar_programs.items()))
     print(table(("N", "gen GiB", "plain GiB"), memory))

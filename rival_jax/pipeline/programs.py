@@ -5,12 +5,12 @@ named structs: the checkpoint's modules and every static choice are fields of a 
 what is split over devices is declared by the input struct (`parallel.sharded`), and a `Program`
 names the function, its statics and the input fields whose buffers it may reuse. `Executables`
 compiles a program once per (program, argument structure, shapes, dtypes) and keeps it (the
-`plan` command compiles through it, from shapes alone, for devices it does not have).
+`plan` command compiles through it, from shapes alone, for devices it does not have). The plain
+baseline RIVAL is measured against is `baseline.plain`; its inputs are `PlainInputs`, here with the others.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import time
@@ -26,13 +26,13 @@ from jax.sharding import Mesh
 
 from rival_jax import progress
 from rival_jax.core import parallel
-from rival_jax.core.attention import own_reference
-from rival_jax.core.ddim import DDIMSchedule, ddim_step
+from rival_jax.core.control import ControlInputs
+from rival_jax.core.ddim import DDIMSchedule
 from rival_jax.core.inversion import invert
 from rival_jax.core.parallel import DATA, EXEMPLARS
 from rival_jax.core.reference import ReferenceFeatures, reference_pass_many
 from rival_jax.core.sampler import GenerationInputs, aligned_generate_many, start_latents
-from rival_jax.core.unet import Conditioning, unet_output
+from rival_jax.core.unet import Conditioning
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -114,7 +114,8 @@ class StartInputs:
 
 @struct.dataclass
 class PlainInputs:
-    """Plain text-to-image: start (N, 4, h, w), conditioning [negative, prompt], timesteps (T,), guidance."""
+    """Plain text-to-image (`baseline.plain`): start (N, 4, h, w), conditioning [negative, prompt], timesteps
+    (T,), guidance; control: the ControlNets' inputs (one map for every image), or None without ControlNet."""
 
     SPLIT: ClassVar[dict[str, tuple[str, ...]]] = {"start": (DATA,)}
 
@@ -122,6 +123,7 @@ class PlainInputs:
     conditioning: Conditioning
     timesteps: jnp.ndarray
     guidance_scale: jnp.ndarray
+    control: ControlInputs | None = None
 
 
 def inversion(params: Any, inputs: InversionInputs, *, statics: Statics, report_progress: bool) -> jax.Array:
@@ -199,35 +201,6 @@ def decode(params: Any, latents: jnp.ndarray, *, statics: Statics, report_progre
 
 def _vae_shift(vae: Any) -> float:
     return float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
-def plain(params: Any, inputs: PlainInputs, *, statics: Statics, report_progress: bool) -> jnp.ndarray:
-    """Plain text-to-image (CFG + DDIM, as diffusers' Flax SD and SDXL pipelines), split over `statics.mesh`.
-
-    The baseline the benchmark compares RIVAL with. The raw UNet output is turned into noise
-    (`schedule.epsilon`) before guidance, which is the same since both are linear. `statics.attention`
-    None: diffusers' own self-attention; else the injected layers' kernel ("xla" or "cudnn") computes
-    every self-attention layer (a like-for-like baseline).
-    """
-    unet, schedule, kernel = statics.modules.unet, statics.modules.schedule, statics.attention
-
-    def run(params: Any, inputs: PlainInputs) -> jnp.ndarray:
-        x_start, steps = inputs.start, inputs.timesteps.shape[0]
-        batch_cond = inputs.conditioning.repeat(x_start.shape[0])
-
-        def step(x: jnp.ndarray, t: jnp.ndarray) -> tuple[jnp.ndarray, None]:
-            latents = jnp.concatenate([x, x])
-            with own_reference(kernel) if kernel else contextlib.nullcontext():
-                output = unet_output(unet, params, latents, t, batch_cond)
-            alpha = schedule.alpha(t)
-            eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
-            eps_uncond, eps_cond = jnp.split(eps, 2)
-            guided = eps_uncond + inputs.guidance_scale * (eps_cond - eps_uncond)
-            return ddim_step(x, guided, alpha, schedule.alpha(t - schedule.stride(steps))).astype(x.dtype), None
-
-        return jax.lax.scan(step, x_start, inputs.timesteps)[0]
-
-    return parallel.sharded(run, statics.mesh, (DATA,))(params, inputs)
 
 
 class Executables:

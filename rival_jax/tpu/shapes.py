@@ -28,7 +28,7 @@ from rival_jax.errors import RivalError
 from rival_jax.models.architectures import FULL, TINY
 from rival_jax.models.checkpoints import build_diffusers_module, read_json
 from rival_jax.models.families import FAMILIES, detect_family
-from rival_jax.pipeline import TINY_MODELS, programs
+from rival_jax.pipeline import TINY_MODELS, baseline, programs
 
 TOKENS = 77  # CLIP's sequence length: every prompt's text embedding
 
@@ -184,7 +184,7 @@ def plain(shapes: ModelShapes, statics: programs.Statics, images_count: int, ste
     batch = programs.PlainInputs(start, shapes.cond(2), _times(steps), np.float32(7.0))
     args = (parallel.abstract(shapes.params["unet"], mesh), parallel.abstract(batch, mesh))
     statics = dataclasses.replace(statics, attention=None)
-    return Call("plain SD", programs.Program(programs.plain, statics), args, steps)
+    return Call("plain SD", programs.Program(baseline.plain, statics), args, steps)
 
 
 def _times(steps: int) -> jax.ShapeDtypeStruct:

@@ -14,11 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # libtpu lets one process at a time hold it; the test workers only compile for TPUs, so they may share it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # pytest-xdist workers inherit this from the controller: they share compiled programs, not converted weights.
-_XLA_CACHE = os.environ.setdefault("RIVAL_JAX_TEST_XLA_CACHE", str(_CACHE / "xla"))
+_XLA_CACHE = Path(os.environ.setdefault("RIVAL_JAX_TEST_XLA_CACHE", str(_CACHE / "xla")))
 
 from rival_jax.runtime import enable_compilation_cache  # noqa: E402
 
-enable_compilation_cache(Path(_XLA_CACHE))
+enable_compilation_cache(_XLA_CACHE)
+# A job keeps its programs in <RIVAL_JAX_CACHE>/xla unless told otherwise, in this process (moving it there)
+# or in a subprocess given this cache: that folder is the shared one too.
+if _XLA_CACHE != _CACHE / "xla":
+    (_CACHE / "xla").symlink_to(_XLA_CACHE, target_is_directory=True)
+    enable_compilation_cache(_CACHE / "xla")
 
 # The authors' outputs on a tiny checkpoint, kept in the repository (tests/data/parity/README.md).
 PARITY = Path(__file__).resolve().parent / "data" / "parity"

@@ -19,7 +19,7 @@ from rival_jax.data.sources import derive_seed, list_rows
 from rival_jax.errors import RivalError
 from rival_jax.jobs.augment import run_augment
 
-JOB = ["--steps", "2", "--batch-size", "2", "--no-progress", "--no-compile-cache"]
+JOB = ["--steps", "2", "--batch-size", "2", "--no-progress"]  # programs kept in the session's cache (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def _env(cache_dir):
 
 def test_killed_job_resumes_without_loss_duplicates_or_rework(manifest, tiny_flax, single_run, tmp_path, cache_dir):
     output = tmp_path / "out"
-    command = _cli(manifest, output, "--model", str(tiny_flax), "--batch-size", "1")
+    command = _cli(manifest, output, "--model", str(tiny_flax))  # single_run's batches: its programs, cached
     process = subprocess.Popen(command, env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(_records(output) if output.exists() else []) < 3:

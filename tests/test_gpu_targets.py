@@ -18,8 +18,9 @@ from rival_jax.tpu.targets import GIB, parse_target, resolve_target
 
 needs_cuda = pytest.mark.skipif(not gpus.cuda_installed(), reason='no CUDA plugin: pip install -e ".[gpu]"')
 
-# A module as XLA's GPU compiler leaves it: a loop whose body picks one of two branches, each a cuDNN
-# convolution (3x3, 8 input features), then a cuBLAS matmul contracting 16; custom calls XLA counts as unknown.
+# A module as XLA's GPU compiler leaves it: cuDNN attention (16 queries, 32 keys, 2 heads of 8), then a loop
+# whose body picks one of two branches of cuDNN convolutions (3x3, 8 input features; one, or two) and runs a
+# cuBLAS matmul contracting 16: the custom calls XLA's cost analysis counts as unknown.
 HLO = """HloModule m
 
 %branch_small (p: bf16[1,4,4,8]) -> bf16[1,4,4,2] {
@@ -58,6 +59,11 @@ backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting
 
 ENTRY %main (e: bf16[1,4,4,8]) -> bf16[1,4,4,8] {
   %e = bf16[1,4,4,8]{3,2,1,0} parameter(0)
+  %qq = bf16[1,16,2,8]{3,2,1,0} constant({...})
+  %kk = bf16[1,32,2,8]{3,2,1,0} constant({...})
+  %att = (bf16[1,2,16,8]{3,1,2,0}, u8[0]{0}) custom-call(%qq, %kk, %kk), custom_call_target="__cudnn$fmhaSoftmax", \
+backend_config={"cudnn_fmha_backend_config": {"intermediate_tensor_shape": {"element_type": "BF16", \
+"dimensions": ["1", "2", "16", "32"], "tuple_shapes": []}}}
   ROOT %loop = bf16[1,4,4,8]{3,2,1,0} while(%e), condition=%cond, body=%body
 }
 """
@@ -108,7 +114,12 @@ def test_custom_calls_count_a_loop_body_once_and_the_costliest_branch() -> None:
     matmul = 2 * (8 * 4) * 16
     conv_bytes = 2 * (1 * 4 * 4 * 8 + 3 * 3 * 8 * 2 + 1 * 4 * 4 * 2)
     matmul_bytes = 4 * (8 * 16 + 16 * 4 + 8 * 4)
-    assert gpus.custom_call_cost(HLO) == (2 * conv + matmul, 2 * conv_bytes + matmul_bytes)
+    attention = 2 * (16 * 32 * 2) * 8 * 2  # scores, then scores times values
+    attention_bytes = 2 * (16 * 2 * 8 + 2 * 32 * 2 * 8 + 2 * 16 * 8)
+    assert gpus.custom_call_cost(HLO) == (
+        attention + 2 * conv + matmul,
+        attention_bytes + 2 * conv_bytes + matmul_bytes,
+    )
 
 
 @needs_cuda

@@ -158,7 +158,7 @@ DEFINITION = re.compile(r"%([\w.\-]+) = \(?(\w+)\[([\d,]*)\]")
 CALLEE = re.compile(r"(?:body|condition|to_apply|calls)=%([\w.\-]+)")
 BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|true_computation=%([\w.\-]+), false_computation=%([\w.\-]+)")
 CUSTOM_CALL = re.compile(
-    r'= \(?(\w+)\[([\d,]*)\].* custom-call\(([^)]*)\).*custom_call_target="(__cudnn\$conv|__cublas\$)'
+    r'= \(?(\w+)\[([\d,]*)\].* custom-call\(([^)]*)\).*custom_call_target="(__cudnn\$conv|__cudnn\$fmha|__cublas\$)'
 )
 ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "f64": 8}
 

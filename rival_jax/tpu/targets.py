@@ -1,9 +1,11 @@
-"""Machines to compile for without having them: TPU slices through libtpu's topologies, or D host devices.
+"""Machines to compile for without having them: TPU slices through libtpu's topologies, NVIDIA GPUs
+through the CUDA plugin's (`tpu.gpus`), or D host devices.
 
 A target is named as JAX names a TPU topology (`v5e:2x2`, `v4:2x2x1`, `v6e:2x4`), as Cloud TPU names
-an accelerator type (`v5litepod-8`, `v6e-8`, `v4-8`), or `cpu:D`. `resolve_target` returns the
-devices to lay programs out on (`jax.experimental.topologies.get_topology_desc`: compile-only TPU
-devices, no TPU needed), the chip's figures and the hosts the slice spans.
+an accelerator type (`v5litepod-8`, `v6e-8`, `v4-8`), as `gpu:h100` (one GPU) or `gpu:h100x8` (8 on one
+host), or `cpu:D`. `resolve_target` returns the devices to lay programs out on
+(`jax.experimental.topologies.get_topology_desc`: compile-only devices, no TPU or GPU needed), the
+chip's figures and the hosts the slice spans.
 
 Hosts follow Cloud TPU's VMs: v5e and v6e slices of up to 8 chips are one VM; larger v5e/v6e slices
 and every v4/v5p slice have 4 chips per VM (the system architecture pages in `CHIPS`' sources).
@@ -18,6 +20,8 @@ import re
 from typing import Any
 
 from rival_jax.errors import RivalError
+from rival_jax.tpu import gpus
+from rival_jax.tpu.gpus import MAX_GPUS_PER_HOST
 
 GIB = 2**30
 INSTALL_TPU = 'compiling for TPU needs libtpu: pip install -e ".[tpu]"'
@@ -25,10 +29,12 @@ INSTALL_TPU = 'compiling for TPU needs libtpu: pip install -e ".[tpu]"'
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip's public figures: peak bf16 FLOP/s, HBM bytes and HBM bytes/s; `source`: where they are stated.
+    """One TPU chip's or GPU's public figures: peak dense bf16 FLOP/s, HBM bytes and HBM bytes/s; `source`: where
+    they are stated.
 
-    dimensions: the topology's rank (2: a 2-D torus, `v5e:2x4`; 3: `v4:2x2x1`); cores_per_chip: what
-    Cloud TPU accelerator names count (`v4-8` is 8 TensorCores on 4 chips).
+    dimensions: the topology's rank (2: a 2-D torus, `v5e:2x4`; 3: `v4:2x2x1`; 1: GPUs on a host);
+    cores_per_chip: what Cloud TPU accelerator names count (`v4-8` is 8 TensorCores on 4 chips);
+    platform: "tpu" or "gpu".
     """
 
     name: str
@@ -39,6 +45,7 @@ class Chip:
     dimensions: int
     cores_per_chip: int
     source: str
+    platform: str = "tpu"
 
 
 CHIPS = {
@@ -50,6 +57,15 @@ CHIPS = {
         Chip("v6e", "TPU v6 lite", 918e12, 32 * GIB, 1640e9, 2, 1, "https://cloud.google.com/tpu/docs/v6e"),
     )
 }
+NVIDIA = "https://www.nvidia.com/en-us/data-center"
+GPU_CHIPS = {
+    chip.name: chip
+    for chip in (
+        Chip("a100", "NVIDIA A100-SXM4-80GB", 312e12, 80 * GIB, 2039e9, 1, 1, f"{NVIDIA}/a100/", "gpu"),
+        Chip("h100", "NVIDIA H100 80GB HBM3", 989e12, 80 * GIB, 3350e9, 1, 1, f"{NVIDIA}/h100/", "gpu"),
+        Chip("h200", "NVIDIA H200", 989e12, 141 * GIB, 4800e9, 1, 1, f"{NVIDIA}/h200/", "gpu"),
+    )
+}
 ACCELERATOR_PREFIXES = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v6e": "v6e"}
 SLICE_SHAPES = {
     2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
@@ -59,7 +75,9 @@ SINGLE_VM_CHIPS = 8
 VM_BOUNDS = (2, 2, 1)
 KNOWN_TARGETS = (
     "JAX topologies v5e:AxB, v6e:AxB, v4:AxBxC, v5p:AxBxC (e.g. v5e:2x2, v6e:2x4, v4:2x2x1); Cloud TPU types "
-    "v5litepod-N, v6e-N (N chips), v4-N, v5p-N (N TensorCores) (e.g. v5litepod-8, v6e-8, v4-8); cpu:D"
+    "v5litepod-N, v6e-N (N chips), v4-N, v5p-N (N TensorCores) (e.g. v5litepod-8, v6e-8, v4-8); NVIDIA GPUs "
+    f"gpu:G or gpu:GxN (G one of {', '.join(GPU_CHIPS)}, N up to {MAX_GPUS_PER_HOST} on one host) (e.g. gpu:h100, "
+    "gpu:h100x8); cpu:D"
 )
 
 
@@ -136,7 +154,8 @@ def parse_target(name: str) -> TargetSpec:
     """The topology, chip and VMs of target `name`; needs no libtpu.
 
     Args:
-        name: a JAX topology ("v5e:2x2"), a Cloud TPU accelerator type ("v5litepod-8", "v4-8") or "cpu:D".
+        name: a JAX topology ("v5e:2x2"), a Cloud TPU accelerator type ("v5litepod-8", "v4-8"), "gpu:h100",
+            "gpu:h100x8" or "cpu:D".
 
     >>> parse_target("v4-8").topology, parse_target("v5e:4x4").hosts
     ('v4:2x2x1', 4)
@@ -147,6 +166,11 @@ def parse_target(name: str) -> TargetSpec:
         if devices < 1:
             raise RivalError(f"target {name!r} has no devices: use cpu:D with D at least 1")
         return TargetSpec(name, f"cpu:{devices}", None, (devices,), (devices, 1, 1))
+    if match := re.fullmatch(r"gpu:([a-z]\d+)(?:x(\d+))?", text):
+        count = int(match[2] or 1)
+        if match[1] not in GPU_CHIPS or not 1 <= count <= MAX_GPUS_PER_HOST:
+            raise _unknown(name)
+        return TargetSpec(name, f"gpu:{match[1]}x{count}", GPU_CHIPS[match[1]], (count,), (count, 1, 1))
     if match := re.fullmatch(r"([a-z0-9]+):([0-9x]+)", text):
         if match[1] not in CHIPS:
             raise _unknown(name)
@@ -167,7 +191,8 @@ def parse_target(name: str) -> TargetSpec:
 
 
 def resolve_target(name: str) -> Target:
-    """The devices to compile for on target `name`: compile-only TPU devices from libtpu, or host devices.
+    """The devices to compile for on target `name`: compile-only TPU devices from libtpu, compile-only GPU
+    devices from the CUDA plugin, or host devices.
 
     Args:
         name: as `parse_target` takes it.
@@ -178,6 +203,10 @@ def resolve_target(name: str) -> Target:
     spec = parse_target(name)
     if spec.chip is None:
         return Target(spec, _host_devices(spec.chips))
+    if spec.chip.platform == "gpu":
+        chip = spec.chip
+        config = gpus.target_config(gpus.GPUS[chip.name], chip.device_kind, chip.hbm_bytes, chip.hbm_bytes_per_s)
+        return Target(spec, gpus.compile_only_devices(name, config, spec.chips))
     if importlib.util.find_spec("libtpu") is None:
         raise RivalError(INSTALL_TPU)
     from jax.experimental import topologies

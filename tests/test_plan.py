@@ -89,7 +89,7 @@ def test_plan_exits_1_naming_the_program_that_does_not_fit(capsys: pytest.Captur
         (["--target", "cpu:1", "--family", "sd1", "--model", "tiny"], "one of --model M"),
         (["--target", "cpu:1", "--model", "/nowhere"], "plan reads a model's configs from a local diffusers folder"),
         (["--target", "cpu:1", "--model", "tiny", "--attention", "pallas"], "needs a TPU target"),
-        (["--target", "cpu:1", "--model", "tiny", "--attention", "cudnn"], "no GPU targets"),
+        (["--target", "cpu:1", "--model", "tiny", "--attention", "cudnn"], "needs an NVIDIA GPU target"),
         (["--target", "v5e:4x4", "--model", "tiny", "-n", "2"], "leave hosts idle on 4 hosts"),
     ],
 )

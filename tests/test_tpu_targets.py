@@ -32,7 +32,7 @@ def test_targets_name_their_topology_chips_and_hosts(name: str, topology: str, c
     assert (spec.topology, spec.chips, spec.hosts, spec.chips_per_host) == (topology, chips, hosts, chips // hosts)
 
 
-@pytest.mark.parametrize("name", ["v7:2x2", "v5e:2x2x1", "v4:2x2", "gpu:h100", "v5e"])
+@pytest.mark.parametrize("name", ["v7:2x2", "v5e:2x2x1", "v4:2x2", "gpu:v100", "v5e"])
 def test_an_unknown_target_lists_the_known_ones(name: str) -> None:
     with pytest.raises(RivalError, match=r"unknown: use one of JAX topologies v5e:AxB.*cpu:D"):
         parse_target(name)

@@ -44,9 +44,9 @@ def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
     if options.controlnet:
         raise RivalError("plan does not cover ControlNets yet: drop --controlnet to plan the run without them")
     spec = parse_target(job.target)
-    tpu = spec.chip is not None
-    dtype = (jnp.bfloat16 if tpu else jnp.float32) if options.dtype == "auto" else resolve_dtype(options.dtype)
-    attention = _attention(options.attention, tpu)
+    platform = spec.chip.platform if spec.chip else "cpu"
+    dtype = (jnp.bfloat16 if spec.chip else jnp.float32) if options.dtype == "auto" else resolve_dtype(options.dtype)
+    attention = _attention(options.attention, platform, dtype)
     exemplars, variations = host_work(options.exemplar_batch or 1, settings["num_variations"], spec.hosts)
     target = resolve_target(job.target)
     shapes = model_shapes(job.model, job.family, dtype, options.size, options.square_crop)
@@ -99,14 +99,15 @@ def host_work(exemplars: int, variations: int, hosts: int) -> tuple[int, int]:
     return len(per_exemplar), max(per_exemplar.values())
 
 
-def _attention(attention: str, tpu: bool) -> str:
-    """The injected layers' kernel on the target: auto is pallas on TPU, xla on host devices."""
+def _attention(attention: str, platform: str, dtype: Any) -> str:
+    """The injected layers' kernel on the target, as a run there picks it (`resolve_attention`): auto is
+    pallas on TPU, cudnn on NVIDIA GPUs in a 16-bit dtype, else xla."""
     if attention == "auto":
-        return "pallas" if tpu else "xla"
-    if attention == "pallas" and not tpu:
-        raise RivalError("attention 'pallas' needs a TPU target: use attention xla (or auto) for cpu:D")
-    if attention == "cudnn":
-        raise RivalError("plan has no GPU targets, so attention 'cudnn' cannot be planned: use auto, xla or pallas")
+        return {"tpu": "pallas", "gpu": "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"}.get(platform, "xla")
+    if attention == "pallas" and platform != "tpu":
+        raise RivalError("attention 'pallas' needs a TPU target: use attention xla (or auto)")
+    if attention == "cudnn" and platform != "gpu":
+        raise RivalError("attention 'cudnn' needs an NVIDIA GPU target (gpu:h100, ...): use auto, xla or pallas")
     return attention
 
 

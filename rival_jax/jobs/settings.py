@@ -79,6 +79,7 @@ def merge_settings(*layers: dict[str, Any]) -> dict[str, Any]:
             raise RivalError(f"{name}={settings[name]!r} is not text: quote it")
     for name in ("mask", "control_image"):
         paths = settings[name] if isinstance(settings[name], list) and name == "control_image" else [settings[name]]
+        paths = [p for entry in paths for p in (entry if isinstance(entry, list) else [entry])]  # per-variation lists
         if not all(isinstance(p, str) and p for p in paths if p is not None):
             raise RivalError(f"{name}={settings[name]!r} is not a file path: give a path (text)")
     for name in CONFIG_FIELDS:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from rival_jax.core import parallel
 from rival_jax.core.reference import KEEP_MEMORY_FRACTION, feature_bytes
 from rival_jax.pipeline import programs
+from rival_jax.tpu import gpus
 from rival_jax.tpu import shapes as build
 from rival_jax.tpu.shapes import Call, ModelShapes
 from rival_jax.tpu.targets import Target
@@ -144,7 +145,7 @@ class Planner:
             seconds = self.executables.timings[call.label]["compile_s"] - before
             memory = compiled.memory_analysis()
             cost = compiled.cost_analysis()
-            cost = (cost[0] if isinstance(cost, list) else cost) or {}
+            cost = (cost[0] if isinstance(cost, list) else cost) or gpus.cost_analysis(compiled)
             flops = float(cost.get("flops", 0.0)) * call.trips
             accessed = float(cost.get("bytes accessed", 0.0)) * call.trips
             measured = Measurement(

@@ -238,12 +238,21 @@ def resolve_attention(attention: str, dtype: jnp.dtype) -> str:
     'xla'
     """
     if attention == "auto":
-        backend = jax.default_backend()
-        if backend == "tpu":
-            return "pallas"
-        return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
+        return auto_attention(jax.default_backend(), dtype)
     check_attention(attention, dtype)
     return attention
+
+
+def auto_attention(platform: str, dtype: jnp.dtype) -> str:
+    """What "auto" picks on `platform` ("tpu", "gpu", "cpu"): pallas on TPU, cudnn on an NVIDIA GPU in a
+    16-bit dtype, xla elsewhere.
+
+    >>> auto_attention("gpu", jnp.bfloat16)
+    'cudnn'
+    """
+    if platform == "tpu":
+        return "pallas"
+    return "cudnn" if platform == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
 def check_attention(attention: str, dtype: jnp.dtype) -> None:

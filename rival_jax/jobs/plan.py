@@ -18,7 +18,7 @@ from rival_jax.jobs.common import log, show_progress
 from rival_jax.jobs.hosts import process_share
 from rival_jax.jobs.options import PlanOptions
 from rival_jax.jobs.settings import merge_settings
-from rival_jax.options import RunOptions, resolve_dtype
+from rival_jax.options import RunOptions, auto_attention, resolve_dtype
 from rival_jax.tpu.targets import GIB, Target, parse_target, resolve_target
 
 
@@ -100,10 +100,9 @@ def host_work(exemplars: int, variations: int, hosts: int) -> tuple[int, int]:
 
 
 def _attention(attention: str, platform: str, dtype: Any) -> str:
-    """The injected layers' kernel on the target, as a run there picks it (`resolve_attention`): auto is
-    pallas on TPU, cudnn on NVIDIA GPUs in a 16-bit dtype, else xla."""
+    """The injected layers' kernel on the target, "auto" as a run there picks it (`options.auto_attention`)."""
     if attention == "auto":
-        return {"tpu": "pallas", "gpu": "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"}.get(platform, "xla")
+        return auto_attention(platform, dtype)
     if attention == "pallas" and platform != "tpu":
         raise RivalError("attention 'pallas' needs a TPU target: use attention xla (or auto)")
     if attention == "cudnn" and platform != "gpu":

@@ -67,8 +67,9 @@ def augment_rows(
             except RivalError as error:
                 report(row.id, "skipped", str(error))
                 continue
-            loaded(row, key, converted, [i for i in indices if (key, i) in done])
-            todo = [i for i in indices if (key, i) not in done]
+            finished = [i for i in indices if (key, i) in done]
+            loaded(row, key, converted, finished)
+            todo = [i for i in indices if i not in finished]
             if todo:
                 yield Exemplar(row, image, key), indices if whole_rows else todo
 

@@ -82,4 +82,7 @@ def test_benchmark_times_rival_and_plain_with_a_random_controlnet_and_its_share(
     row = [float(value) for value in lines[lines.index(header) + 1].split("|")]
     assert row[0] == 2 and np.isfinite(row).all()
     share, plain, without = (columns.index(name) for name in ("CN share", "plain s", "plain-CN s"))
-    assert row[share] == pytest.approx(1 - row[without] / row[plain], abs=1e-3)
+    half = 5e-4  # the table prints 3 decimals: each printed figure is within half a unit of its value
+    lowest = 1 - (row[without] + half) / (row[plain] - half)
+    highest = 1 - (row[without] - half) / (row[plain] + half)
+    assert lowest - half <= row[share] <= highest + half

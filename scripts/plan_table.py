@@ -1,0 +1,92 @@
+"""The README's plan table: full architectures compiled ahead of time for TPU targets, both reference modes.
+
+Each (model, target) gets one `Planner`, so inversion, VAE decode and plain SD compile once and serve both
+reference modes. A Markdown row is appended to `--out` as each (model, target, mode) finishes: a long run
+that is stopped keeps what it measured. Compiling one full program takes minutes to an hour on a small
+CPU; run it once, in the background:
+
+    ALLOW_MULTIPLE_LIBTPU_LOAD=1 python scripts/plan_table.py --out plan-table.md \\
+        --runs sd1:512:16 sd2:768:8 sdxl:1024:8 --targets v5e:1x1 v5e:2x4 v6e:2x4
+
+Attention is `xla` (XLA counts its FLOPs; a Pallas kernel's are invisible to it), steps 50, a prompt
+(two guidance contexts), one exemplar, bfloat16. Columns are per device of the target's first host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from rival_jax.options import RunOptions
+from rival_jax.tpu.plan import MODES, Outcome, Planner, Work
+from rival_jax.tpu.shapes import model_shapes
+from rival_jax.tpu.targets import GIB, resolve_target
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+HEADER = (
+    "| model | target | mode | N | inversion GiB | reference GiB | generation GiB | decode GiB | peak of HBM "
+    "| s / variation | variations / chip-hour | RIVAL / plain SD | compile s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
+    """One Markdown row: memory per program, the peak against the device's memory, roofline figures."""
+    by_label = {m.label.split(" (")[0]: m for m in outcome.measurements}
+
+    def gib(name: str) -> str:
+        return f"{by_label[name].total / GIB:.2f}" if name in by_label else "-"
+
+    peak = max(m.total for m in outcome.measurements) / outcome.memory
+    rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
+    compile_s = sum(m.compile_s for m in outcome.measurements)
+    cells = (
+        label,
+        target,
+        outcome.mode,
+        str(outcome.variations),
+        gib("inversion"),
+        gib("reference pass"),
+        gib("generation"),
+        gib("VAE decode"),
+        f"{peak:.0%}" + ("" if outcome.fits else " (does not fit)"),
+        f"{rival:.3g}",
+        f"{3600 / (rival * chips):,.0f}",
+        f"{rival / plain:.2f}",
+        f"{compile_s:,.0f}",
+    )
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["sd1:512:16"], help="family (or built-in model):resolution:N")
+    parser.add_argument("--targets", nargs="+", default=["v5e:1x1"], help="TPU targets, in order")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file the rows are appended to")
+    args = parser.parse_args()
+    if not args.out.exists():
+        args.out.write_text(HEADER + "\n")
+    for run in args.runs:
+        model, resolution, variations = run.split(":")
+        family = model if model in FAMILIES else None
+        shapes = model_shapes(None if family else model, family, jnp.bfloat16, int(resolution), False)
+        for name in args.targets:
+            target = resolve_target(name)
+            memory = target.spec.chip.hbm_bytes // target.devices_per_chip
+            planner = Planner(shapes, target, "xla", RunOptions().reference_batch_size, memory, print)
+            chips = len(target.local_devices) / target.devices_per_chip
+            for mode in args.modes:
+                start = time.monotonic()
+                outcome = planner.outcome(Work(1, int(variations), 50, 2, mode), mode)
+                line = row(f"{shapes.label} {resolution}", name, outcome, chips)
+                with args.out.open("a") as table:
+                    table.write(line + "\n")
+                print(line, f"({time.monotonic() - start:.0f} s wall)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,10 +38,16 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
     by_label = {m.label.split(" (")[0]: m for m in outcome.measurements}
 
     def gib(name: str) -> str:
-        return f"{by_label[name].total / GIB:.2f}" if name in by_label else "-"
+        if name not in by_label:
+            return "-"
+        m = by_label[name]
+        return f"out of memory ({m.temporaries / GIB:.2f} temp.)" if m.out_of_memory else f"{m.total / GIB:.2f}"
 
-    peak = max(m.total for m in outcome.measurements) / outcome.memory
+    peak = max(m.total for m in outcome.measurements if not m.out_of_memory) / outcome.memory
     rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
+    estimates = (
+        ("-",) * 3 if rival is None else (f"{rival:.3g}", f"{3600 / (rival * chips):,.0f}", f"{rival / plain:.2f}")
+    )
     compile_s = sum(m.compile_s for m in outcome.measurements)
     cells = (
         label,
@@ -53,9 +59,7 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
         gib("generation"),
         gib("VAE decode"),
         f"{peak:.0%}" + ("" if outcome.fits else " (does not fit)"),
-        f"{rival:.3g}",
-        f"{3600 / (rival * chips):,.0f}",
-        f"{rival / plain:.2f}",
+        *estimates,
         f"{compile_s:,.0f}",
     )
     return "| " + " | ".join(cells) + " |"

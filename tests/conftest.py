@@ -25,6 +25,13 @@ if _XLA_CACHE != _CACHE / "xla":
     (_CACHE / "xla").symlink_to(_XLA_CACHE, target_is_directory=True)
     enable_compilation_cache(_CACHE / "xla")
 
+
+def eight_devices() -> dict[str, str]:
+    """The environment of a subprocess with 8 host devices and this session's XLA flags, offline."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    return {"XLA_FLAGS": flags, "PATH": "", "HF_HUB_OFFLINE": "1"}
+
+
 # The authors' outputs on a tiny checkpoint, kept in the repository (tests/data/parity/README.md).
 PARITY = Path(__file__).resolve().parent / "data" / "parity"
 

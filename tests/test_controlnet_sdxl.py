@@ -29,7 +29,7 @@ from rival_jax.models.loading import load_models
 from rival_jax.models.random_controlnet import write_tiny_controlnet
 from rival_jax.models.random_models import write_tiny_checkpoint
 
-from .conftest import PARITY
+from .conftest import PARITY, eight_devices
 
 # Five variations, on eight devices one each (and three pads); every other one with its map flipped.
 SCRIPT = """
@@ -145,7 +145,7 @@ def test_scale_zero_equals_no_controlnet_and_two_halves_equal_one(pipe, chain, b
 def test_eight_devices_give_the_same_variations_as_one_each_with_its_map(pipe, base, exemplar, tmp_path):
     """Per-variation maps are replicated; each device takes its own variations' maps."""
     np.save(tmp_path / "exemplar.npy", exemplar)
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "", "HF_HUB_OFFLINE": "1"}
+    env = eight_devices()
     files = (str(tmp_path / "exemplar.npy"), str(tmp_path / "l.npy"))
     command = [sys.executable, "-c", SCRIPT, str(base), *files, str(base / "controlnet")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -7,46 +7,41 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 from rival_jax.core.parallel import pad_to, padded_length
 from rival_jax.jobs.hosts import process_share
+
+from .conftest import eight_devices
 
 SCRIPT = textwrap.dedent(
     """
     import sys, jax, numpy as np
     from rival_jax import RivalPipeline
-    controlnet = sys.argv[4:]
-    pipe = RivalPipeline.from_pretrained(sys.argv[1], cache_dir=None, controlnet=controlnet)
+    pipe = RivalPipeline.from_pretrained(sys.argv[1], cache_dir=None, controlnet=[sys.argv[4]])
     chain = pipe.invert(np.load(sys.argv[2]), prompt="a photo of a cat", num_inference_steps=6)
-    control = "canny" if controlnet else None
-    out = pipe.generate(chain, num_variations=5, seed=21, output_type="latent", control_image=control)
+    out = pipe.generate(chain, num_variations=5, seed=21, output_type="latent", control_image="canny")
     np.save(sys.argv[3], out.latents)
     print(pipe.mesh.size)
     """
 )
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_eight_devices_give_the_same_variations_as_one(tmp_path, family_pipes, tiny_controlnet, exemplar, family):
-    """SDXL as it is; SD 1 with a ControlNet, whose map is replicated like the exemplar's features."""
+def test_eight_devices_give_the_same_variations_as_one(tmp_path, tiny_flax, tiny_controlnet, exemplar):
+    """SD 1 with a ControlNet, whose map is replicated like the exemplar's features (SDXL's eight devices, each
+    with its own map: tests/test_controlnet_sdxl.py)."""
     from rival_jax import RivalPipeline
 
-    pipe = family_pipes[family]
-    controlnet = [str(tiny_controlnet)] if family == "sd1" else []
-    if controlnet:
-        pipe = RivalPipeline.from_pretrained(pipe.models.path, cache_dir=None, controlnet=controlnet)
+    pipe = RivalPipeline.from_pretrained(tiny_flax, cache_dir=None, controlnet=[tiny_controlnet])
     np.save(tmp_path / "exemplar.npy", exemplar)
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "", "HF_HUB_OFFLINE": "1"}
+    env = eight_devices()
     files = (str(tmp_path / "exemplar.npy"), str(tmp_path / "l.npy"))
-    command = [sys.executable, "-c", SCRIPT, str(pipe.models.path), *files, *controlnet]
+    command = [sys.executable, "-c", SCRIPT, str(tiny_flax), *files, str(tiny_controlnet)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "8"
     eight = np.load(tmp_path / "l.npy")
     chain = pipe.invert(exemplar, prompt="a photo of a cat", num_inference_steps=6)
-    control = "canny" if controlnet else None
-    one = pipe.generate(chain, num_variations=5, seed=21, output_type="latent", control_image=control).latents
+    one = pipe.generate(chain, num_variations=5, seed=21, output_type="latent", control_image="canny").latents
     assert pipe.mesh.size == 1 and eight.shape == one.shape == (5, 4, 12, 16)
     np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
 

@@ -121,9 +121,10 @@ def test_each_host_plans_its_share_of_the_job_as_augment_splits_it(
 
 
 @needs_libtpu
-def test_tiny_sdxl_plans_for_a_multi_host_slice_on_the_first_hosts_chips(capsys: pytest.CaptureFixture[str]) -> None:
-    """v5e:4x4: 16 chips on 4 hosts; 8 variations leave 2 to each host, split over its 4 chips."""
-    assert main(["plan", "--target", "v5e:4x4", "--model", "tiny-sdxl", "-n", "8", *TINY_RUN]) == 0
+def test_a_multi_host_slice_is_planned_on_the_first_hosts_chips(capsys: pytest.CaptureFixture[str]) -> None:
+    """v5e:4x4: 16 chips on 4 hosts; 8 variations leave 2 to each host, split over its 4 chips (tiny SDXL's
+    generation for that slice: tests/test_tpu_targets.py)."""
+    assert main(["plan", "--target", "v5e:4x4", "--model", "tiny", "-n", "8", *TINY_RUN]) == 0
     out = capsys.readouterr().out
     assert "16 x TPU v5 lite, 4 hosts, programs on the first's 4 devices" in out
     assert "per host 1 exemplar(s) x 2 variations" in out
@@ -135,3 +136,34 @@ def test_a_model_folder_is_planned_from_its_configs_as_the_built_in_model_it_hol
     assert (folder.family, folder.latent, folder.size) == (built_in.family, built_in.latent, built_in.size)
     assert jax.tree_util.tree_structure(folder.params) == jax.tree_util.tree_structure(built_in.params)
     assert {x.dtype for x in jax.tree_util.tree_leaves(folder.params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@needs_libtpu
+def test_a_program_the_tpu_compiler_cannot_fit_is_reported_out_of_memory_with_its_need() -> None:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from rival_jax.tpu import report
+    from rival_jax.tpu.plan import Outcome, Plan
+    from rival_jax.tpu.shapes import Call
+
+    side = 70_000  # a sorted side x side float32 matrix: 18 GiB of temporaries on a 16 GiB v5e chip
+    target = resolve_target("v5e:1x1")
+    row = jax.ShapeDtypeStruct(
+        (side,), jnp.float32, sharding=NamedSharding(Mesh(target.local_devices, "x"), PartitionSpec())
+    )
+
+    def program(ticks: bool):
+        return lambda x: jnp.sort(jnp.broadcast_to(x, (side, side)), axis=0)[0]
+
+    planner = Planner(model_shapes("tiny", None, jnp.bfloat16, 64, False), target, "xla", 8, 16 * GIB)
+    measured, outputs = planner.measure(Call("sort", program, (row,), 1))
+
+    assert measured.out_of_memory and outputs is None and measured.temporaries >= side * side * 4
+    outcome = Outcome("keep", 1, (measured,), measured, measured, 16 * GIB, 1)
+    assert not outcome.fits and outcome.seconds_per_variation is None
+    assert "out of memory" in report.table(outcome)[1]
+    assert report.summary(outcome, 1).endswith(
+        "no estimate, the compiler ran out of device memory for sort, sort, sort"
+    )
+    verdict = report.verdict(Plan(outcome, None), 1)
+    assert verdict.startswith("does not fit: sort does not compile within 16.00 GiB per device (temporaries ")

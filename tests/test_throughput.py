@@ -16,6 +16,8 @@ from rival_jax.core.parallel import exemplar_rows, spread
 from rival_jax.data.sources import list_rows
 from rival_jax.jobs.augment import run_augment
 
+from .conftest import eight_devices
+
 STEPS, BATCH = 2, 2
 ROWS = [
     {"image": "x.png", "prompt": "a photo of a cat", "num_variations": 3},
@@ -118,7 +120,7 @@ def test_exemplar_batches_of_two_write_the_same_images_and_resume(manifest, tiny
 def test_eight_devices_split_the_reference_pass_and_batch_exemplars_to_the_same_images(
     manifest, tiny_flax, one_at_a_time, tmp_path
 ):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "", "HF_HUB_OFFLINE": "1"}
+    env = eight_devices()
     output, result = tmp_path / "out", tmp_path / "result.json"
     command = [sys.executable, "-c", EIGHT_DEVICES, str(tiny_flax), str(manifest), str(output), str(result)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)

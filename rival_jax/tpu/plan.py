@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,7 +37,9 @@ MODES = ("keep", "recompute")
 @dataclasses.dataclass(frozen=True)
 class Measurement:
     """One compiled program, per device: bytes (arguments, temporaries, outputs, of which aliased to
-    donated arguments), FLOPs and bytes accessed (loop trips multiplied in), roofline and compile seconds."""
+    donated arguments), FLOPs and bytes accessed (loop trips multiplied in), roofline and compile seconds.
+    `out_of_memory`: the compiler refused it for the device's memory; `temporaries` is then what it said
+    the program needs (0 when it did not say), nothing else is known."""
 
     label: str
     arguments: int
@@ -46,6 +50,7 @@ class Measurement:
     bytes_accessed: float
     roofline_s: float | None
     compile_s: float
+    out_of_memory: bool = False
 
     @property
     def total(self) -> int:
@@ -70,7 +75,7 @@ class Outcome:
 
     @property
     def fits(self) -> bool:
-        return all(m.total <= self.memory for m in self.measurements)
+        return all(m.total <= self.memory and not m.out_of_memory for m in self.measurements)
 
     @property
     def seconds_per_variation(self) -> float | None:
@@ -139,10 +144,19 @@ class Planner:
         key = (call.label, call.program, jax.tree_util.tree_structure(call.args), _shapes(call.args))
         if key not in self._measured:
             self.report(call.label)
-            before = self.executables.timings[call.label]["compile_s"]
-            with _persistent_cache_off():  # compile-only TPU programs cannot be read back from it
-                compiled = self.executables.compile(call.label, call.program, False, call.args)
-            seconds = self.executables.timings[call.label]["compile_s"] - before
+            start = time.perf_counter()
+            compile_only = self.target.spec.chip is not None  # such programs cannot be read back from the cache
+            try:
+                with _persistent_cache_off() if compile_only else contextlib.nullcontext():
+                    compiled = self.executables.compile(call.label, call.program, False, call.args)
+            except jax.errors.JaxRuntimeError as error:
+                if "RESOURCE_EXHAUSTED" not in str(error):
+                    raise
+                seconds = time.perf_counter() - start
+                refused = Measurement(call.label, 0, _needed_bytes(str(error)), 0, 0, 0.0, 0.0, None, seconds, True)
+                self._measured[key] = refused, None
+                return self._measured[key]
+            seconds = time.perf_counter() - start
             memory = compiled.memory_analysis()
             cost = compiled.cost_analysis()
             cost = (cost[0] if isinstance(cost, list) else cost) or gpus.cost_analysis(compiled)
@@ -177,10 +191,11 @@ class Planner:
         if mode == "keep":
             measured, features = self.measure(self._reference_call(work))
             rival.append(measured)
-        generation = build.generation(
-            shapes, statics, (work.exemplars, work.variations, steps, work.contexts), features
-        )
-        rival.append(self.measure(generation)[0])
+        if mode != "keep" or features is not None:  # keep's generation takes the reference pass's output
+            generation = build.generation(
+                shapes, statics, (work.exemplars, work.variations, steps, work.contexts), features
+            )
+            rival.append(self.measure(generation)[0])
         images = work.exemplars * work.variations
         decode = self.measure(build.decode(shapes, statics, images))[0]
         plain = self.measure(build.plain(shapes, statics, images, steps))[0]
@@ -218,6 +233,13 @@ class Planner:
             if variations == 1:
                 return Plan(asked, None)
             variations //= 2
+
+
+def _needed_bytes(message: str) -> int:
+    """The bytes a compiler's out-of-memory message says a program needs (TPU: its temporaries, or all it
+    used), 0 when it names none."""
+    found = re.search(r"(?:required for HLO temporaries \(|Used )([\d.]+)([KMGT]?)", message)
+    return int(float(found[1]) * 1024 ** "BKMGT".index(found[2] or "B")) if found else 0
 
 
 @contextlib.contextmanager

@@ -50,6 +50,9 @@ def table(outcome: Outcome) -> list[str]:
 
 
 def _row(m: Measurement, memory: int) -> tuple[str, ...]:
+    if m.out_of_memory:  # the compiler's figure of its temporaries, nothing else
+        unknown = ("-",) * 3
+        return (m.label, "-", f"{m.temporaries / GIB:.3f}", "-", "-", "out of memory", *unknown, f"{m.compile_s:.1f}")
     roofline = "-" if m.roofline_s is None else f"{m.roofline_s:.3g}"
     return (
         m.label,
@@ -69,6 +72,9 @@ def summary(outcome: Outcome, chips_per_host: float) -> str:
     """Seconds per variation, variations per chip-hour and the ratio to plain SD (roofline), or why not."""
     head = f"reference mode {outcome.mode}, N = {outcome.variations} per exemplar, {outcome.images} images per host"
     rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
+    refused = [m.label for m in outcome.measurements if m.out_of_memory]
+    if refused:
+        return f"{head}: no estimate, the compiler ran out of device memory for {', '.join(refused)}"
     if rival is None or plain is None:
         return f"{head}: no roofline for host devices (no chip figures)"
     per_hour = 3600 / (rival * chips_per_host)
@@ -83,8 +89,12 @@ def verdict(plan: Plan, hosts: int) -> str:
     asked, fitting = plan.asked, plan.fitting
     if fitting is asked:
         return f"fits: reference mode {asked.mode}, N = {asked.variations}, every program within memory"
-    worst = max(asked.measurements, key=lambda m: m.total / asked.memory)
-    need = f"{worst.label} needs {worst.total / GIB:.2f} GiB of {asked.memory / GIB:.2f} GiB per device"
+    worst = max(asked.measurements, key=lambda m: (m.out_of_memory, m.total / asked.memory))
+    if worst.out_of_memory:
+        figure = f" (temporaries {worst.temporaries / GIB:.2f} GiB)" if worst.temporaries else ""
+        need = f"{worst.label} does not compile within {asked.memory / GIB:.2f} GiB per device{figure}"
+    else:
+        need = f"{worst.label} needs {worst.total / GIB:.2f} GiB of {asked.memory / GIB:.2f} GiB per device"
     if fitting is None:
         return f"does not fit: {need}; nothing fits, not even N = 1 in reference mode recompute"
     where = " per host" if hosts > 1 else ""

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from rival_jax.options import RunOptions
 from rival_jax.tpu.plan import MODES, Outcome, Planner, Work
+from rival_jax.tpu.report import variations_per_chip_hour
 from rival_jax.tpu.shapes import model_shapes
 from rival_jax.tpu.targets import GIB, resolve_target
 
@@ -46,7 +47,9 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
     peak = max(m.total for m in outcome.measurements if not m.out_of_memory) / outcome.memory
     rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
     estimates = (
-        ("-",) * 3 if rival is None else (f"{rival:.3g}", f"{3600 / (rival * chips):,.0f}", f"{rival / plain:.2f}")
+        ("-",) * 3
+        if rival is None
+        else (f"{rival:.3g}", f"{variations_per_chip_hour(rival, chips):,.0f}", f"{rival / plain:.2f}")
     )
     compile_s = sum(m.compile_s for m in outcome.measurements)
     cells = (

@@ -77,11 +77,16 @@ def summary(outcome: Outcome, chips_per_host: float) -> str:
         return f"{head}: no estimate, the compiler ran out of device memory for {', '.join(refused)}"
     if rival is None or plain is None:
         return f"{head}: no roofline for host devices (no chip figures)"
-    per_hour = 3600 / (rival * chips_per_host)
+    per_hour = variations_per_chip_hour(rival, chips_per_host)
     return (
         f"{head}: est. {rival:.3g} s per variation (roofline), {per_hour:,.0f} variations per chip-hour; "
         f"plain SD {plain:.3g} s per image, RIVAL / plain SD = {rival / plain:.2f}"
     )
+
+
+def variations_per_chip_hour(seconds_per_variation: float, chips_per_host: float) -> float:
+    """Variations one chip makes in an hour when a host's chips make one every `seconds_per_variation`."""
+    return 3600 / (seconds_per_variation * chips_per_host)
 
 
 def verdict(plan: Plan, hosts: int) -> str:

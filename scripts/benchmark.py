@@ -17,8 +17,8 @@ and a plain program without them gives the ControlNets' share of a plain step.
     python scripts/benchmark.py --model tiny-sdxl --reference-mode recompute --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 256 --steps 3 --counts 2
     python scripts/benchmark.py --family sdxl --resolution 1024 --steps 30 --dtype bfloat16 --counts 4,8   # GPU
-    python scripts/benchmark.py --family sdxl --random-controlnet --dtype bfloat16 \
-        --resolution 256 --steps 3 --counts 2,4 --repeats 1       # SDXL + ControlNet, both random
+    python scripts/benchmark.py --family sdxl --random-controlnet \
+        --resolution 256 --steps 3 --counts 2,4 --repeats 1       # SDXL + ControlNet, both random (23 GB)
 
 `--devices D` prints instead the per-device cost table of `scripts/cost_analysis.py` (XLA's cost
 analysis of the sharded programs on D host devices; no accelerator, no weights):
@@ -169,7 +169,18 @@ def main() -> None:
     pixels, x0, source_size = pipe.encode_image(str(example_image()))
     size = (pixels.shape[1], pixels.shape[0])
     one_device = dataclasses.replace(pipe.statics, mesh=parallel.sub_mesh(pipe.mesh, 1))
+    # What the text encoders give, read first (the chain's shape is all the reference mode needs):
+    # then their weights go, as no timed program reads them (SDXL in float32: 3.3 GB of host memory).
+    shaped = InversionChain(jnp.zeros((args.steps + 1, *x0.shape)), timesteps, args.prompt, pixels, source_size)
+    contexts, mode, feature_bytes = (
+        pipe.contexts(shaped),
+        pipe.reference_mode(shaped),
+        pipe.reference_feature_bytes(shaped),
+    )
     exemplar = programs.InversionInputs(x0[None], pipe.encode_prompt([args.prompt], size), jnp.asarray(timesteps))
+    conditioning = pipe.encode_prompt(["", args.prompt], size)
+    for name in [name for name in pipe.params if name.startswith("text_encoder")]:
+        del pipe.params[name]
     inversion = Timed(programs.Program(programs.inversion, one_device)(False), params, exemplar)
     for _ in range(args.repeats):
         chain = InversionChain(inversion.run()[0], timesteps, args.prompt, pixels, source_size)
@@ -178,9 +189,8 @@ def main() -> None:
     print(f"exemplar prompt {args.prompt!r}, guidance {args.guidance}, attention {options.attention}")
     print(f"inversion: compile {inversion.compile_seconds:.1f} s, run {inversion.seconds:.3f} s", flush=True)
 
-    contexts, mode = pipe.contexts(chain), pipe.reference_mode(chain)
     print(f"reference mode {mode} (option {options.reference_mode}); exemplar features ", end="")
-    print(f"{pipe.reference_feature_bytes(chain) / 2**30:.3f} GiB", end="")
+    print(f"{feature_bytes / 2**30:.3f} GiB", end="")
     exemplar_programs = {"inversion": inversion}
     if mode == "keep":
         passes = programs.ReferenceInputs(chain.latents[None], contexts, jnp.asarray(timesteps))
@@ -198,7 +208,6 @@ def main() -> None:
         print(f", not stored: {contexts.size} exemplar entries recomputed in every generation step", flush=True)
 
     config = RivalConfig(guidance_scale=args.guidance)
-    conditioning = pipe.encode_prompt(["", args.prompt], size)
     control = control_inputs(pipe.controlnets, chain, pipe.dtype, "canny" if pipe.controlnets else None, (1, 0, 1))
     # Plain programs: diffusers' attention, RIVAL's kernel (plain*), and with ControlNets one without them.
     kinds = [(pipe.statics, None, control), (pipe.statics, options.attention, control)]

@@ -44,7 +44,9 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
         m = by_label[name]
         return f"out of memory ({m.temporaries / GIB:.2f} temp.)" if m.out_of_memory else f"{m.total / GIB:.2f}"
 
+    refused = any(m.out_of_memory for m in outcome.measurements)
     peak = max(m.total for m in outcome.measurements if not m.out_of_memory) / outcome.memory
+    peak_cell = "over 100%" if refused else f"{peak:.0%}" + ("" if outcome.fits else " (does not fit)")
     rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
     estimates = (
         ("-",) * 3
@@ -61,7 +63,7 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
         gib("reference pass"),
         gib("generation"),
         gib("VAE decode"),
-        f"{peak:.0%}" + ("" if outcome.fits else " (does not fit)"),
+        peak_cell,
         *estimates,
         f"{compile_s:,.0f}",
     )
@@ -83,13 +85,11 @@ def main() -> None:
         shapes = model_shapes(None if family else model, family, jnp.bfloat16, int(resolution), False)
         for name in args.targets:
             target = resolve_target(name)
-            memory = target.spec.chip.hbm_bytes // target.devices_per_chip
-            planner = Planner(shapes, target, "xla", RunOptions().reference_batch_size, memory, print)
-            chips = len(target.local_devices) / target.devices_per_chip
+            planner = Planner(shapes, target, "xla", RunOptions().reference_batch_size, target.device_memory(), print)
             for mode in args.modes:
                 start = time.monotonic()
                 outcome = planner.outcome(Work(1, int(variations), 50, 2, mode), mode)
-                line = row(f"{shapes.label} {resolution}", name, outcome, chips)
+                line = row(f"{shapes.label} {resolution}", name, outcome, target.local_chips)
                 with args.out.open("a") as table:
                     table.write(line + "\n")
                 print(line, f"({time.monotonic() - start:.0f} s wall)", flush=True)

@@ -41,6 +41,14 @@ def cache_dir() -> Path:
     return _CACHE
 
 
+@pytest.fixture
+def fresh_programs() -> None:
+    """No compiled program in the process's shared store: a test of what compiling shows compiles."""
+    from rival_jax.pipeline.compiled import Executables
+
+    Executables.forget_shared()
+
+
 @pytest.fixture(scope="session")
 def tiny_flax(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rival_jax.models.random_models import write_tiny_checkpoint

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import chex
 import jax
@@ -195,7 +196,7 @@ def _doubling(ticks: bool):
 
 def test_a_program_compiled_from_shapes_is_the_one_a_run_then_uses():
     """`plan` compiles through `Executables.compile` from shapes; a run with arrays of those shapes reuses it."""
-    from rival_jax.pipeline.programs import Executables
+    from rival_jax.pipeline.compiled import Executables
 
     runs = Executables()
     compiled = runs.compile("doubling", _doubling, False, (jax.ShapeDtypeStruct((2, 5), jnp.float32),))
@@ -206,3 +207,24 @@ def test_a_program_compiled_from_shapes_is_the_one_a_run_then_uses():
     np.testing.assert_array_equal(result, np.full((2, 5), 2.0))
     assert seconds > 0 and runs.timings["doubling"]["compile_s"] == seconds
     assert compiled.memory_analysis().argument_size_in_bytes == 40
+
+
+def test_a_second_load_of_an_architecture_compiles_nothing_and_gives_the_same_images(
+    tiny_flax, tiny_sd2, exemplar, fresh_programs
+):
+    """Pipelines share compiled programs when their modules are configured alike (the weights are arguments)."""
+
+    def run(model: Path) -> tuple[RivalPipeline, np.ndarray]:
+        pipe = RivalPipeline.from_pretrained(model, cache_dir=None)
+        chain = pipe.invert(exemplar, num_inference_steps=2)
+        return pipe, pipe.generate(chain, num_variations=2, seed=3, output_type="latent").latents
+
+    first, first_latents = run(tiny_flax)
+    second, second_latents = run(tiny_flax)
+    assert second.statics.modules == first.statics.modules and second.statics.modules is not first.statics.modules
+    assert all(t["compile_s"] == 0 for t in second.executables.timings.values()), dict(second.executables.timings)
+    np.testing.assert_array_equal(second_latents, first_latents)
+
+    other, _ = run(tiny_sd2)  # another architecture (v-prediction, its own UNet): its own programs
+    assert other.statics.modules != first.statics.modules
+    assert all(t["compile_s"] > 0 for t in other.executables.timings.values())

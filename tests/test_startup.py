@@ -19,7 +19,7 @@ from PIL import Image
 import rival_jax
 from rival_jax import RandomWeightsWarning, RivalPipeline, progress, runtime
 from rival_jax.cli import main
-from rival_jax.pipeline.programs import Executables
+from rival_jax.pipeline.compiled import Executables
 
 
 def _counting_program(ticks: bool):
@@ -124,7 +124,7 @@ def test_example_image_is_the_bundled_photograph():
         assert image.mode == "RGB" and min(image.size) >= 64
 
 
-def test_generate_with_progress_logs_compile_and_run_apart(capsys, tmp_path, tiny_flax, exemplar):
+def test_generate_with_progress_logs_compile_and_run_apart(capsys, tmp_path, tiny_flax, exemplar, fresh_programs):
     photo, out = tmp_path / "exemplar.jpg", tmp_path / "out"
     Image.fromarray(exemplar).save(photo)  # test_cli's exemplar and settings: its compiled programs serve here
     with warnings.catch_warnings():

@@ -19,7 +19,7 @@ from rival_jax.jobs.hosts import process_share
 from rival_jax.jobs.options import PlanOptions
 from rival_jax.jobs.settings import merge_settings
 from rival_jax.options import RunOptions, auto_attention, resolve_dtype
-from rival_jax.tpu.targets import GIB, Target, parse_target, resolve_target
+from rival_jax.tpu.targets import GIB, parse_target, resolve_target
 
 
 def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
@@ -50,7 +50,7 @@ def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
     exemplars, variations = host_work(options.exemplar_batch or 1, settings["num_variations"], spec.hosts)
     target = resolve_target(job.target)
     shapes = model_shapes(job.model, job.family, dtype, options.size, options.square_crop)
-    memory = _memory(job, target)
+    memory = target.device_memory(int(job.chip_memory * GIB) if job.chip_memory else None)
     show = show_progress(job)
     planner = Planner(
         shapes,
@@ -69,12 +69,11 @@ def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
     )
     print(report.target_line(target, memory))
     plan = planner.plan(work)
-    chips = len(target.local_devices) / target.devices_per_chip
     shown = [plan.asked] if plan.fitting in (None, plan.asked) else [plan.asked, plan.fitting]
     for outcome in shown:
         print()
         print("\n".join(report.table(outcome)))
-        print(report.summary(outcome, chips))
+        print(report.summary(outcome, target.local_chips))
     print()
     print(report.verdict(plan, target.spec.hosts))
     return 0 if plan.fitting is plan.asked else 1
@@ -108,12 +107,3 @@ def _attention(attention: str, platform: str, dtype: Any) -> str:
     if attention == "cudnn" and platform != "gpu":
         raise RivalError("attention 'cudnn' needs an NVIDIA GPU target (gpu:h100, ...): use auto, xla or pallas")
     return attention
-
-
-def _memory(job: PlanOptions, target: Target) -> int:
-    """Bytes one device may hold: --chip-memory, else the chip's HBM (over its devices), else host memory."""
-    from rival_jax.core.parallel import device_memory_bytes
-
-    chip = target.spec.chip
-    per_chip = job.chip_memory * GIB if job.chip_memory else chip.hbm_bytes if chip else device_memory_bytes()
-    return int(per_chip // target.devices_per_chip)

@@ -27,8 +27,9 @@ from rival_jax.errors import RivalError
 from rival_jax.models.loading import LoadedModels, load_models
 from rival_jax.options import RunOptions, resolve_attention, resolve_dtype
 from rival_jax.pipeline import inputs, programs
+from rival_jax.pipeline.compiled import Executables
 from rival_jax.pipeline.generation import Generation
-from rival_jax.pipeline.programs import Executables, Program, Statics
+from rival_jax.pipeline.programs import Program, Statics
 from rival_jax.pipeline.prompts import PromptEncoder
 from rival_jax.pipeline.results import InversionChain
 
@@ -80,7 +81,7 @@ class RivalPipeline(Generation):
         options = self.options
         # Every program's statics start from these (`dataclasses.replace` for a mesh or traces).
         self.statics = Statics(modules, self.mesh, attention, options.reference_batch_size)
-        self.executables = Executables()
+        self.executables = Executables(shared=True)
         self._feature_bytes: dict[tuple, int] = {}
 
     @classmethod

@@ -1,9 +1,9 @@
-"""The compiled programs of RIVAL on one checkpoint, and the cache that compiles each once and times it.
+"""The programs of RIVAL on one checkpoint, as pure functions of params and named inputs.
 
 Every program is a pure function `program(*arrays, statics=..., report_progress=...)` of params and
 named structs: the checkpoint's modules and every static choice are fields of a frozen `Statics`,
 what is split over devices is declared by the input struct (`parallel.sharded`), and a `Program`
-names the function, its statics and the input fields whose buffers it may reuse. `Executables`
+names the function, its statics and the input fields whose buffers it may reuse. `compiled.Executables`
 compiles a program once per (program, argument structure, shapes, dtypes) and keeps it (the
 `plan` command compiles through it, from shapes alone, for devices it does not have). The plain
 baseline RIVAL is measured against is `baseline.plain`; its inputs are `PlainInputs`, here with the others.
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -24,7 +22,6 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from rival_jax import progress
 from rival_jax.core import parallel
 from rival_jax.core.control import ControlInputs
 from rival_jax.core.ddim import DDIMSchedule
@@ -37,7 +34,8 @@ from rival_jax.core.unet import Conditioning
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Modules:
-    """A checkpoint's Flax modules and DDIM schedule, compared by identity (one object per loaded checkpoint).
+    """A checkpoint's Flax modules and DDIM schedule, compared by configuration: two loads of one
+    architecture trace the same programs (the weights are arguments), so they share compiled programs.
 
     dtype: the params' dtype, which the VAE decodes in.
     """
@@ -47,6 +45,36 @@ class Modules:
     schedule: DDIMSchedule
     dtype: Any
     controlnets: tuple[Any, ...] = ()
+
+    @functools.cached_property
+    def _configuration(self) -> tuple:
+        schedule = self.schedule
+        return (
+            tuple(_module_configuration(m) for m in (self.unet, self.vae, *self.controlnets)),
+            jnp.dtype(self.dtype).name,
+            (schedule.num_train_timesteps, schedule.prediction_type),
+            np.asarray(schedule.alphas_cumprod).tobytes() + np.asarray(schedule.final_alpha_cumprod).tobytes(),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Modules) and self._configuration == other._configuration
+
+    def __hash__(self) -> int:
+        return hash(self._configuration)
+
+
+def _module_configuration(module: Any) -> tuple:
+    """A Flax module's class and fields (lists as tuples), which decide everything it traces."""
+    fields = dataclasses.fields(module)
+    return (type(module), tuple((f.name, _hashable(getattr(module, f.name))) for f in fields if f.name != "parent"))
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,73 +229,3 @@ def decode(params: Any, latents: jnp.ndarray, *, statics: Statics, report_progre
 
 def _vae_shift(vae: Any) -> float:
     return float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
-class Executables:
-    """Compiled programs, each compiled on first use for its argument shapes and kept, with their seconds.
-
-    Keyed by the program (a `Program`, or any hashable `make_program(report_progress)`), whether it
-    ticks, and its arguments' structure, shapes and dtypes. `timings[label]`: compile and run seconds.
-
-    >>> runs = Executables()
-    >>> chains = runs.run("inversion", Program(inversion, statics), steps=50, show=True, args=(params, inputs))
-    """
-
-    def __init__(self) -> None:
-        self._compiled: dict[tuple, Any] = {}
-        self.timings: defaultdict[str, dict[str, float]] = defaultdict(lambda: {"compile_s": 0.0, "run_s": 0.0})
-
-    def compile(self, label: str, program: Callable[[bool], Callable], show: bool, args: tuple) -> Any:
-        """`program(report_progress)` compiled for `args` (arrays, or shapes with shardings: `parallel.abstract`).
-
-        Args:
-            label: the program's name in progress lines and `timings`.
-            program: a `Program`, or a hashable function of report_progress (ticks every step only
-                when progress is shown and the persistent cache is off, `progress.step_ticks`).
-            show: progress on stderr; args: the program's arguments.
-
-        >>> runs.compile("generation", Program(generation, statics), False, (params, inputs)).memory_analysis()
-        """
-        ticks = progress.step_ticks(show)
-        args, kwargs = _donated_apart(program, args)
-        leaves, structure = jax.tree_util.tree_flatten((args, kwargs))
-        key = (program, ticks, structure, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
-        if key not in self._compiled:
-            function = _rejoining(program(ticks)) if kwargs else program(ticks)
-            with progress.compiling(label, show) as clock:
-                self._compiled[key] = jax.jit(function, donate_argnames=tuple(kwargs)).lower(*args, **kwargs).compile()
-            self.timings[label]["compile_s"] += clock.seconds
-        return self._compiled[key]
-
-    def run(self, label: str, program: Callable[[bool], Callable], steps: int, show: bool, args: tuple) -> Any:
-        """Run `program(report_progress)(*args)`, compiled on first use (`compile`, which takes the same
-        arguments); `steps`: ticks one run makes (the bar's length), shown after the compile line."""
-        compiled = self.compile(label, program, show, args)
-        args, kwargs = _donated_apart(program, args)
-        started = time.perf_counter()
-        ticks = progress.step_ticks(show)
-        shown = progress.progress_bar(label, steps, show) if ticks else progress.activity(f"running {label}", show)
-        with shown:
-            result = jax.block_until_ready(compiled(*args, **kwargs))
-        self.timings[label]["run_s"] += time.perf_counter() - started
-        return result
-
-
-def _donated_apart(program: Any, args: tuple) -> tuple[tuple, dict[str, Any]]:
-    """(args, kwargs): the fields of the last argument that `program` donates travel apart (only theirs donated)."""
-    donated = getattr(program, "donate", ())
-    if not donated:
-        return args, {}
-    *rest, inputs = args
-    fields = {name: getattr(inputs, name) for name in donated}
-    return (*rest, inputs.replace(**dict.fromkeys(donated))), {"donated": fields}
-
-
-def _rejoining(function: Callable[..., Any]) -> Callable[..., Any]:
-    """`function(*rest, inputs)` called as `(*rest, inputs without the donated fields, donated=those fields)`."""
-
-    def call(*args: Any, donated: dict[str, Any]) -> Any:
-        *rest, inputs = args
-        return function(*rest, inputs.replace(**donated))
-
-    return call

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from rival_jax.core import parallel
 from rival_jax.core.reference import KEEP_MEMORY_FRACTION, feature_bytes
-from rival_jax.pipeline import programs
+from rival_jax.pipeline import compiled, programs
 from rival_jax.tpu import gpus
 from rival_jax.tpu import shapes as build
 from rival_jax.tpu.shapes import Call, ModelShapes
@@ -136,7 +136,7 @@ class Planner:
         self.shapes, self.target, self.memory, self.report = shapes, target, memory, report
         mesh = parallel.local_mesh(target.local_devices)
         self.statics = programs.Statics(shapes.modules, mesh, attention, reference_batch_size)
-        self.executables = programs.Executables()
+        self.executables = compiled.Executables()
         self._measured: dict[tuple, tuple[Measurement, Any]] = {}
 
     def measure(self, call: Call) -> tuple[Measurement, Any]:

@@ -132,6 +132,19 @@ class Target:
         """
         return self.host_devices or self.devices
 
+    @property
+    def local_chips(self) -> float:
+        """Chips of one host: what a host's variations per second are shared by."""
+        return len(self.local_devices) / self.devices_per_chip
+
+    def device_memory(self, chip_bytes: int | None = None) -> int:
+        """Bytes one device may hold: `chip_bytes` per chip, else the chip's HBM, else (`cpu:D`) host memory."""
+        from rival_jax.core.parallel import device_memory_bytes
+
+        chip = self.spec.chip
+        per_chip = chip_bytes or (chip.hbm_bytes if chip else device_memory_bytes())
+        return int(per_chip // self.devices_per_chip)
+
 
 def _unknown(name: str) -> RivalError:
     return RivalError(f"target {name!r} is unknown: use one of {KNOWN_TARGETS}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import pytest
 
 from rival_jax.cli import main
 from rival_jax.jobs.plan import host_work
-from rival_jax.tpu.plan import Planner, Work
+from rival_jax.tpu.plan import Measurement, Outcome, Planner, Work
 from rival_jax.tpu.shapes import model_shapes
 from rival_jax.tpu.targets import GIB, resolve_target
 
@@ -167,3 +168,25 @@ def test_a_program_the_tpu_compiler_cannot_fit_is_reported_out_of_memory_with_it
     )
     verdict = report.verdict(Plan(outcome, None), 1)
     assert verdict.startswith("does not fit: sort does not compile within 16.00 GiB per device (temporaries ")
+
+
+def _measured(label: str, gib: float, roofline_s: float | None = 1.0, out_of_memory: bool = False) -> Measurement:
+    """A program of `gib` GiB per device: all temporaries when the compiler refused it, all arguments else."""
+    size = int(gib * GIB)
+    held = (0, size) if out_of_memory else (size, 0)
+    return Measurement(label, *held, 0, 0, 1.0, 1.0, roofline_s, 5.0, out_of_memory)
+
+
+def test_the_readme_plan_table_rows_give_each_programs_memory_and_mark_what_the_compiler_refused() -> None:
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_table.py"
+    spec = importlib.util.spec_from_file_location("plan_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    rival = (_measured("inversion", 1), _measured("reference pass", 2), _measured("generation (keep)", 3))
+    fitting = Outcome("keep", 4, rival, _measured("VAE decode", 1), _measured("plain SD", 2, 2.0), 4 * GIB, 4)
+    # 4 programs of 1 roofline second for 4 images on a host of 2 chips: 1 s per variation, 1,800 per chip-hour
+    expected = "| SD | v5e:2x2 | keep | 4 | 1.00 | 2.00 | 3.00 | 1.00 | 75% | 1 | 1,800 | 1.33 | 25 |"
+    assert table.row("SD", "v5e:2x2", fitting, 2.0) == expected
+    refused = dataclasses.replace(fitting, rival=(rival[0], _measured("reference pass", 17.5, None, True)))
+    cells = table.row("SD", "v5e:2x2", refused, 2.0).split(" | ")
+    assert cells[5:12] == ["out of memory (17.50 temp.)", "-", "1.00", "over 100%", "-", "-", "-"]

@@ -44,9 +44,11 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
         m = by_label[name]
         return f"out of memory ({m.temporaries / GIB:.2f} temp.)" if m.out_of_memory else f"{m.total / GIB:.2f}"
 
-    refused = any(m.out_of_memory for m in outcome.measurements)
-    peak = max(m.total for m in outcome.measurements if not m.out_of_memory) / outcome.memory
-    peak_cell = "over 100%" if refused else f"{peak:.0%}" + ("" if outcome.fits else " (does not fit)")
+    if any(m.out_of_memory for m in outcome.measurements):
+        peak = "over 100%"
+    else:
+        largest = max(m.total for m in outcome.measurements) / outcome.memory
+        peak = f"{largest:.0%}" + ("" if outcome.fits else " (does not fit)")
     rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
     estimates = (
         ("-",) * 3
@@ -63,7 +65,7 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
         gib("reference pass"),
         gib("generation"),
         gib("VAE decode"),
-        peak_cell,
+        peak,
         *estimates,
         f"{compile_s:,.0f}",
     )

@@ -8,7 +8,8 @@ CPU; run it once, in the background:
     ALLOW_MULTIPLE_LIBTPU_LOAD=1 python scripts/plan_table.py --out plan-table.md \\
         --runs sd1:512:16 sd2:768:8 sdxl:1024:8 --targets v5e:1x1 v5e:2x4 v6e:2x4
 
-Attention is `xla` (XLA counts its FLOPs; a Pallas kernel's are invisible to it), steps 50, a prompt
+Attention is `xla` unless `--attention pallas` (XLA counts the attention's FLOPs; a Pallas kernel's are
+invisible to it, so pallas rows give memory only, their mode cell names the kernel), steps 50, a prompt
 (two guidance contexts), one exemplar, bfloat16. Columns are per device of the target's first host.
 """
 
@@ -34,8 +35,9 @@ HEADER = (
 )
 
 
-def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
-    """One Markdown row: memory per program, the peak against the device's memory, roofline figures."""
+def row(label: str, target: str, outcome: Outcome, chips: float, attention: str = "xla") -> str:
+    """One Markdown row: memory per program, the peak against the device's memory, roofline figures (xla
+    attention only: the FLOPs of any other kernel are not counted)."""
     by_label = {m.label.split(" (")[0]: m for m in outcome.measurements}
 
     def gib(name: str) -> str:
@@ -52,14 +54,14 @@ def row(label: str, target: str, outcome: Outcome, chips: float) -> str:
     rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
     estimates = (
         ("-",) * 3
-        if rival is None
+        if rival is None or attention != "xla"
         else (f"{rival:.3g}", f"{variations_per_chip_hour(rival, chips):,.0f}", f"{rival / plain:.2f}")
     )
     compile_s = sum(m.compile_s for m in outcome.measurements)
     cells = (
         label,
         target,
-        outcome.mode,
+        outcome.mode if attention == "xla" else f"{outcome.mode} ({attention})",
         str(outcome.variations),
         gib("inversion"),
         gib("reference pass"),
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["sd1:512:16"], help="family (or built-in model):resolution:N")
     parser.add_argument("--targets", nargs="+", default=["v5e:1x1"], help="TPU targets, in order")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--attention", default="xla", choices=("xla", "pallas"), help="the injected layers' kernel")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file the rows are appended to")
     args = parser.parse_args()
     if not args.out.exists():
@@ -87,11 +90,13 @@ def main() -> None:
         shapes = model_shapes(None if family else model, family, jnp.bfloat16, int(resolution), False)
         for name in args.targets:
             target = resolve_target(name)
-            planner = Planner(shapes, target, "xla", RunOptions().reference_batch_size, target.device_memory(), print)
+            planner = Planner(
+                shapes, target, args.attention, RunOptions().reference_batch_size, target.device_memory(), print
+            )
             for mode in args.modes:
                 start = time.monotonic()
                 outcome = planner.outcome(Work(1, int(variations), 50, 2, mode), mode)
-                line = row(f"{shapes.label} {resolution}", name, outcome, target.local_chips)
+                line = row(f"{shapes.label} {resolution}", name, outcome, target.local_chips, args.attention)
                 with args.out.open("a") as table:
                     table.write(line + "\n")
                 print(line, f"({time.monotonic() - start:.0f} s wall)", flush=True)

@@ -190,3 +190,5 @@ def test_the_readme_plan_table_rows_give_each_programs_memory_and_mark_what_the_
     refused = dataclasses.replace(fitting, rival=(rival[0], _measured("reference pass", 17.5, None, True)))
     cells = table.row("SD", "v5e:2x2", refused, 2.0).split(" | ")
     assert cells[5:12] == ["out of memory (17.50 temp.)", "-", "1.00", "over 100%", "-", "-", "-"]
+    pallas = table.row("SD", "v5e:2x2", fitting, 2.0, "pallas").split(" | ")  # memory only: its FLOPs are unseen
+    assert pallas[2:4] == ["keep (pallas)", "4"] and pallas[8:13] == ["75%", "-", "-", "-", "25 |"]

@@ -225,6 +225,5 @@ def test_a_second_load_of_an_architecture_compiles_nothing_and_gives_the_same_im
     assert all(t["compile_s"] == 0 for t in second.executables.timings.values()), dict(second.executables.timings)
     np.testing.assert_array_equal(second_latents, first_latents)
 
-    other, _ = run(tiny_sd2)  # another architecture (v-prediction, its own UNet): its own programs
-    assert other.statics.modules != first.statics.modules
-    assert all(t["compile_s"] > 0 for t in other.executables.timings.values())
+    other = RivalPipeline.from_pretrained(tiny_sd2, cache_dir=None)  # v-prediction, its own UNet
+    assert other.statics.modules != first.statics.modules  # so its programs are its own

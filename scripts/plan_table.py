@@ -1,9 +1,10 @@
 """The README's plan table: full architectures compiled ahead of time for TPU targets, both reference modes.
 
 Each (model, target) gets one `Planner`, so inversion, VAE decode and plain SD compile once and serve both
-reference modes. A Markdown row is appended to `--out` as each (model, target, mode) finishes: a long run
-that is stopped keeps what it measured. Compiling one full program takes minutes to an hour on a small
-CPU; run it once, in the background:
+reference modes. Keep's reference pass, when it alone does not fit, is measured in smaller UNet batches,
+as `rival-jax plan` tries them (the mode cell names the batch). A Markdown row is appended to `--out` as
+each (model, target, mode) finishes: a long run that is stopped keeps what it measured. Compiling one full
+program takes minutes to an hour on a small CPU; run it once, in the background:
 
     ALLOW_MULTIPLE_LIBTPU_LOAD=1 python scripts/plan_table.py --out plan-table.md \\
         --runs sd1:512:16 sd2:768:8 sdxl:1024:8 --targets v5e:1x1 v5e:2x4 v6e:2x4
@@ -24,10 +25,11 @@ import jax.numpy as jnp
 from rival_jax.options import RunOptions
 from rival_jax.tpu.plan import MODES, Outcome, Planner, Work
 from rival_jax.tpu.report import variations_per_chip_hour
-from rival_jax.tpu.shapes import model_shapes
+from rival_jax.tpu.shapes import REFERENCE_LABEL, model_shapes
 from rival_jax.tpu.targets import GIB, resolve_target
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+DEFAULT_BATCH = RunOptions().reference_batch_size
 HEADER = (
     "| model | target | mode | N | inversion GiB | reference GiB | generation GiB | decode GiB | peak of HBM "
     "| s / variation | variations / chip-hour | RIVAL / plain SD | compile s |\n"
@@ -61,10 +63,10 @@ def row(label: str, target: str, outcome: Outcome, chips: float, attention: str 
     cells = (
         label,
         target,
-        outcome.mode if attention == "xla" else f"{outcome.mode} ({attention})",
+        _mode(outcome, attention),
         str(outcome.variations),
         gib("inversion"),
-        gib("reference pass"),
+        gib(REFERENCE_LABEL),
         gib("generation"),
         gib("VAE decode"),
         peak,
@@ -72,6 +74,13 @@ def row(label: str, target: str, outcome: Outcome, chips: float, attention: str 
         f"{compile_s:,.0f}",
     )
     return "| " + " | ".join(cells) + " |"
+
+
+def _mode(outcome: Outcome, attention: str) -> str:
+    """The mode, and what differs from a default run: keep's reference batch, the attention kernel."""
+    notes = [f"reference batch {outcome.reference_batch}"] if outcome.reference_batch != DEFAULT_BATCH else []
+    notes += [attention] if attention != "xla" else []
+    return f"{outcome.mode} ({', '.join(notes)})" if notes else outcome.mode
 
 
 def main() -> None:
@@ -90,12 +99,10 @@ def main() -> None:
         shapes = model_shapes(None if family else model, family, jnp.bfloat16, int(resolution), False)
         for name in args.targets:
             target = resolve_target(name)
-            planner = Planner(
-                shapes, target, args.attention, RunOptions().reference_batch_size, target.device_memory(), print
-            )
+            planner = Planner(shapes, target, args.attention, DEFAULT_BATCH, target.device_memory(), print)
             for mode in args.modes:
                 start = time.monotonic()
-                outcome = planner.outcome(Work(1, int(variations), 50, 2, mode), mode)
+                outcome = planner.outcome_in_batches(Work(1, int(variations), 50, 2, mode), mode)
                 line = row(f"{shapes.label} {resolution}", name, outcome, target.local_chips, args.attention)
                 with args.out.open("a") as table:
                     table.write(line + "\n")

@@ -82,6 +82,16 @@ def test_plan_exits_1_naming_the_program_that_does_not_fit(capsys: pytest.Captur
     assert last.endswith("nothing fits, not even N = 1 in reference mode recompute")
 
 
+def test_a_reference_pass_that_does_not_fit_is_planned_in_smaller_batches(capsys: pytest.CaptureFixture[str]) -> None:
+    # 256x256: the reference pass's 4 evaluations in one batch need more than 0.07 GiB, in batches of 2 less
+    arguments = ["plan", "--target", "cpu:1", "--model", "tiny", "-n", "1", "--reference-mode", "keep"]
+    assert main([*arguments, "--steps", "2", "--resolution", "256", "--prompt", "a cat", "--chip-memory", "0.07"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("does not fit: reference pass needs ")
+    assert out[-1].endswith("would fit: --reference-mode keep --reference-batch-size 2 with N = 1")
+    assert any(line.startswith("reference mode keep (reference batch 2), N = 1") for line in out)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -160,7 +170,7 @@ def test_a_program_the_tpu_compiler_cannot_fit_is_reported_out_of_memory_with_it
     measured, outputs = planner.measure(Call("sort", program, (row,), 1))
 
     assert measured.out_of_memory and outputs is None and measured.temporaries >= side * side * 4
-    outcome = Outcome("keep", 1, (measured,), measured, measured, 16 * GIB, 1)
+    outcome = Outcome("keep", 1, (measured,), measured, measured, 16 * GIB, 1, 8)
     assert not outcome.fits and outcome.seconds_per_variation is None
     assert "out of memory" in report.table(outcome)[1]
     assert report.summary(outcome, 1).endswith(
@@ -183,7 +193,7 @@ def test_the_readme_plan_table_rows_give_each_programs_memory_and_mark_what_the_
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     rival = (_measured("inversion", 1), _measured("reference pass", 2), _measured("generation (keep)", 3))
-    fitting = Outcome("keep", 4, rival, _measured("VAE decode", 1), _measured("plain SD", 2, 2.0), 4 * GIB, 4)
+    fitting = Outcome("keep", 4, rival, _measured("VAE decode", 1), _measured("plain SD", 2, 2.0), 4 * GIB, 4, 8)
     # 4 programs of 1 roofline second for 4 images on a host of 2 chips: 1 s per variation, 1,800 per chip-hour
     expected = "| SD | v5e:2x2 | keep | 4 | 1.00 | 2.00 | 3.00 | 1.00 | 75% | 1 | 1,800 | 1.33 | 25 |"
     assert table.row("SD", "v5e:2x2", fitting, 2.0) == expected
@@ -192,3 +202,5 @@ def test_the_readme_plan_table_rows_give_each_programs_memory_and_mark_what_the_
     assert cells[5:12] == ["out of memory (17.50 temp.)", "-", "1.00", "over 100%", "-", "-", "-"]
     pallas = table.row("SD", "v5e:2x2", fitting, 2.0, "pallas").split(" | ")  # memory only: its FLOPs are unseen
     assert pallas[2:4] == ["keep (pallas)", "4"] and pallas[8:13] == ["75%", "-", "-", "-", "25 |"]
+    smaller = dataclasses.replace(fitting, reference_batch=2)
+    assert table.row("SD", "v5e:2x2", smaller, 2.0, "pallas").split(" | ")[2] == "keep (reference batch 2, pallas)"

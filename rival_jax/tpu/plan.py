@@ -7,8 +7,9 @@ reads XLA's memory and cost analyses: bytes per device (arguments, temporaries, 
 bytes accessed per device, each multiplied by the program's loop trips (XLA counts a loop body once).
 The roofline time of a program is max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per device.
 
-It tries the asked reference mode and N first; when a program does not fit, the other mode, then
-N halved, until something fits (or nothing does at N = 1).
+It tries the asked reference mode and N first; when a program does not fit, both modes at N, then
+at N halved, until something fits (or nothing does at N = 1). In keep, a reference pass that does not
+fit is tried again with its UNet batch halved (its memory falls with the batch; N does not change it).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from rival_jax.core import parallel
-from rival_jax.core.reference import KEEP_MEMORY_FRACTION, feature_bytes
+from rival_jax.core.reference import KEEP_MEMORY_FRACTION, feature_bytes, reference_batches
 from rival_jax.pipeline import compiled, programs
 from rival_jax.tpu import gpus
 from rival_jax.tpu import shapes as build
-from rival_jax.tpu.shapes import Call, ModelShapes
+from rival_jax.tpu.shapes import REFERENCE_LABEL, Call, ModelShapes
 from rival_jax.tpu.targets import Target
 
 MODES = ("keep", "recompute")
@@ -59,7 +60,8 @@ class Measurement:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """A run's programs for one reference mode and N, measured; `fits`: every one within `memory` per device."""
+    """A run's programs for one reference mode and N, measured; `fits`: every one within `memory` per device.
+    `reference_batch`: the reference pass's UNet batch (`--reference-batch-size`; keep's reference pass)."""
 
     mode: str
     variations: int
@@ -68,14 +70,23 @@ class Outcome:
     plain: Measurement
     memory: int
     images: int
+    reference_batch: int
 
     @property
     def measurements(self) -> tuple[Measurement, ...]:
         return (*self.rival, self.decode, self.plain)
 
+    def within(self, measured: Measurement) -> bool:
+        return measured.total <= self.memory and not measured.out_of_memory
+
     @property
     def fits(self) -> bool:
-        return all(m.total <= self.memory and not m.out_of_memory for m in self.measurements)
+        return all(self.within(m) for m in self.measurements)
+
+    @property
+    def only_reference_too_big(self) -> bool:
+        """Keep's reference pass does not fit and is the one program that does not."""
+        return not self.fits and all(self.within(m) for m in self.measurements if m.label != REFERENCE_LABEL)
 
     @property
     def seconds_per_variation(self) -> float | None:
@@ -183,13 +194,15 @@ class Planner:
         per_device = self.target.devices_per_chip
         return max(flops / (chip.peak_bf16_flops / per_device), accessed / (chip.hbm_bytes_per_s / per_device))
 
-    def outcome(self, work: Work, mode: str) -> Outcome:
-        """The run's programs in reference `mode` ("keep" or "recompute"), measured."""
+    def outcome(self, work: Work, mode: str, reference_batch: int | None = None) -> Outcome:
+        """The run's programs in reference `mode` ("keep" or "recompute"), measured; keep's reference pass in
+        UNet batches of `reference_batch` (default: the planner's `reference_batch_size`)."""
         shapes, statics, steps = self.shapes, self.statics, work.steps
+        batch = reference_batch or statics.reference_batch_size
         rival = [self.measure(build.inversion(shapes, statics, work.exemplars, steps))[0]]
         features = None
         if mode == "keep":
-            measured, features = self.measure(self._reference_call(work))
+            measured, features = self.measure(self._reference_call(work, batch))
             rival.append(measured)
         if mode != "keep" or features is not None:  # keep's generation takes the reference pass's output
             generation = build.generation(
@@ -199,13 +212,27 @@ class Planner:
         images = work.exemplars * work.variations
         decode = self.measure(build.decode(shapes, statics, images))[0]
         plain = self.measure(build.plain(shapes, statics, images, steps))[0]
-        return Outcome(mode, work.variations, tuple(rival), decode, plain, self.memory, images)
+        return Outcome(mode, work.variations, tuple(rival), decode, plain, self.memory, images, batch)
 
-    def _reference_call(self, work: Work) -> Call:
-        """The reference pass of the exemplars as `generate_many` pads them to its mesh's rows."""
+    def _reference_exemplars(self, work: Work) -> int:
+        """The exemplars the reference pass evaluates: as `generate_many` pads them to its mesh's rows."""
         rows = parallel.exemplar_rows(self.statics.mesh.size, work.exemplars, work.variations)
-        padded = parallel.padded_length(work.exemplars, rows) if work.exemplars > 1 else 1
-        return build.reference(self.shapes, self.statics, padded, work.steps, work.contexts)
+        return parallel.padded_length(work.exemplars, rows) if work.exemplars > 1 else 1
+
+    def _reference_call(self, work: Work, batch: int) -> Call:
+        statics = dataclasses.replace(self.statics, reference_batch_size=batch)
+        return build.reference(self.shapes, statics, self._reference_exemplars(work), work.steps, work.contexts)
+
+    def outcome_in_batches(self, work: Work, mode: str) -> Outcome:
+        """`outcome`; in keep, with the reference pass's batch halved while that pass alone does not fit."""
+        found = self.outcome(work, mode)
+        items = work.steps * work.contexts * self._reference_exemplars(work)
+        per_device = parallel.spread(items, self.statics.mesh.size)[1]
+        batch = reference_batches(per_device, found.reference_batch)[1]
+        while mode == "keep" and found.only_reference_too_big and batch > 1:
+            batch = reference_batches(per_device, batch // 2)[1]
+            found = self.outcome(work, mode, batch)
+        return found
 
     def auto_mode(self, work: Work) -> str:
         """What reference mode "auto" picks in a run: keep when each device's features fit its share (as
@@ -218,7 +245,8 @@ class Planner:
         return "keep" if per_device <= KEEP_MEMORY_FRACTION * self.memory else "recompute"
 
     def plan(self, work: Work) -> Plan:
-        """The run as asked, and the first that fits: the other mode, then N halved (both modes) down to 1."""
+        """The run as asked, and the first that fits: both modes (keep's reference pass in smaller batches
+        too), then N halved, down to 1."""
         first = self.auto_mode(work) if work.mode == "auto" else work.mode
         modes = (first, *(m for m in MODES if m != first))
         asked = self.outcome(work, first)
@@ -226,8 +254,8 @@ class Planner:
             return Plan(asked, asked)
         variations = work.variations
         while True:
-            for mode in modes if variations != work.variations else modes[1:]:
-                found = self.outcome(dataclasses.replace(work, variations=variations), mode)
+            for mode in modes:
+                found = self.outcome_in_batches(dataclasses.replace(work, variations=variations), mode)
                 if found.fits:
                     return Plan(asked, found)
             if variations == 1:

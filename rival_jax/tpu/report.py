@@ -70,7 +70,10 @@ def _row(m: Measurement, memory: int) -> tuple[str, ...]:
 
 def summary(outcome: Outcome, chips_per_host: float) -> str:
     """Seconds per variation, variations per chip-hour and the ratio to plain SD (roofline), or why not."""
-    head = f"reference mode {outcome.mode}, N = {outcome.variations} per exemplar, {outcome.images} images per host"
+    batch = f" (reference batch {outcome.reference_batch})" if outcome.mode == "keep" else ""
+    head = (
+        f"reference mode {outcome.mode}{batch}, N = {outcome.variations} per exemplar, {outcome.images} images per host"
+    )
     rival, plain = outcome.seconds_per_variation, outcome.plain_seconds_per_image
     refused = [m.label for m in outcome.measurements if m.out_of_memory]
     if refused:
@@ -103,4 +106,11 @@ def verdict(plan: Plan, hosts: int) -> str:
     if fitting is None:
         return f"does not fit: {need}; nothing fits, not even N = 1 in reference mode recompute"
     where = " per host" if hosts > 1 else ""
-    return f"does not fit: {need}; would fit: --reference-mode {fitting.mode} with N = {fitting.variations}{where}"
+    batch = f" --reference-batch-size {fitting.reference_batch}" if _smaller_reference_batch(asked, fitting) else ""
+    return (
+        f"does not fit: {need}; would fit: --reference-mode {fitting.mode}{batch} with N = {fitting.variations}{where}"
+    )
+
+
+def _smaller_reference_batch(asked: Outcome, fitting: Outcome) -> bool:
+    return fitting.mode == "keep" and fitting.reference_batch < asked.reference_batch

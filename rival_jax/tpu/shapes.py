@@ -31,6 +31,7 @@ from rival_jax.models.families import FAMILIES, detect_family
 from rival_jax.pipeline import TINY_MODELS, baseline, programs
 
 TOKENS = 77  # CLIP's sequence length: every prompt's text embedding
+REFERENCE_LABEL = "reference pass"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ def reference(shapes: ModelShapes, statics: programs.Statics, exemplars: int, st
     per_device = parallel.spread(steps * contexts * exemplars, mesh.size)[1]
     trips = reference_batches(per_device, statics.reference_batch_size)[0]
     args = (parallel.abstract(shapes.params["unet"], mesh), parallel.abstract(batch, mesh))
-    return Call("reference pass", programs.Program(programs.reference, statics), args, trips)
+    return Call(REFERENCE_LABEL, programs.Program(programs.reference, statics), args, trips)
 
 
 def generation(shapes: ModelShapes, statics: programs.Statics, work: tuple[int, int, int, int], features: Any) -> Call:

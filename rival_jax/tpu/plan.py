@@ -224,25 +224,30 @@ class Planner:
         return build.reference(self.shapes, statics, self._reference_exemplars(work), work.steps, work.contexts)
 
     def outcome_in_batches(self, work: Work, mode: str) -> Outcome:
-        """`outcome`; in keep, with the reference pass's batch halved while that pass alone does not fit."""
+        """`outcome`; in keep, with the reference pass's batch halved while that pass alone does not fit (and
+        the features it keeps would)."""
         found = self.outcome(work, mode)
+        if mode != "keep" or self.feature_bytes(work) > self.memory:
+            return found
         items = work.steps * work.contexts * self._reference_exemplars(work)
         per_device = parallel.spread(items, self.statics.mesh.size)[1]
         batch = reference_batches(per_device, found.reference_batch)[1]
-        while mode == "keep" and found.only_reference_too_big and batch > 1:
+        while found.only_reference_too_big and batch > 1:
             batch = reference_batches(per_device, batch // 2)[1]
             found = self.outcome(work, mode, batch)
         return found
 
-    def auto_mode(self, work: Work) -> str:
-        """What reference mode "auto" picks in a run: keep when each device's features fit its share (as
-        `RivalPipeline` sizes them, from one traced UNet call)."""
+    def feature_bytes(self, work: Work) -> int:
+        """The exemplars' features one device keeps (as `RivalPipeline` sizes them, from one traced UNet call)."""
         contexts = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), self.shapes.cond(work.contexts))
         unet, params = self.shapes.modules.unet, self.shapes.params["unet"]
         per_exemplar = feature_bytes(unet, params, self.shapes.latent, contexts, work.steps)
         rows = parallel.exemplar_rows(self.statics.mesh.size, work.exemplars, work.variations)
-        per_device = per_exemplar * (parallel.padded_length(work.exemplars, rows) // rows)
-        return "keep" if per_device <= KEEP_MEMORY_FRACTION * self.memory else "recompute"
+        return per_exemplar * (parallel.padded_length(work.exemplars, rows) // rows)
+
+    def auto_mode(self, work: Work) -> str:
+        """What reference mode "auto" picks in a run: keep when each device's features fit its share."""
+        return "keep" if self.feature_bytes(work) <= KEEP_MEMORY_FRACTION * self.memory else "recompute"
 
     def plan(self, work: Work) -> Plan:
         """The run as asked, and the first that fits: both modes (keep's reference pass in smaller batches

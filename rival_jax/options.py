@@ -101,7 +101,8 @@ class RunOptions:
         reference_mode: "keep" the exemplar's per-step features (fastest), "recompute" them in every
             step beside the variations (memory flat in the step count), or "auto" (keep when they
             fit a quarter of one device's memory).
-        reference_batch_size: UNet batch of the exemplar's reference pass (memory against speed).
+        reference_batch_size: UNet batch of the exemplar's reference pass (memory against speed); None:
+            8 on a GPU or TPU, 1 on a CPU (`resolve_reference_batch`).
         variant: weight file variant to read, e.g. "fp16" (`*.fp16.safetensors`); found by itself
             when a folder holds only one variant.
         base_model: for a single-file checkpoint (one original-layout `.safetensors`), a diffusers
@@ -130,7 +131,11 @@ class RunOptions:
     reference_mode: str = option(
         "auto", "exemplar features: keep (fastest), recompute (least memory) or auto", REFERENCE_MODES
     )
-    reference_batch_size: int = option(8, "UNet batch of the exemplar's reference pass (lower saves memory)")
+    reference_batch_size: int | None = option(
+        None,
+        "UNet batch of the exemplar's reference pass (default: 8 on GPU/TPU, 1 on CPU; lower saves memory)",
+        type=int,
+    )
     variant: str | None = option(None, "weight file variant, e.g. fp16")
     base_model: str | None = option(
         None, "for a single-file .safetensors model: a diffusers folder of its family (configs, tokenizers)"
@@ -152,7 +157,7 @@ class RunOptions:
         if not isinstance(self.square_crop, bool):
             raise RivalError(f"square_crop={self.square_crop!r} is not a boolean: use true or false")
         batch = self.reference_batch_size
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
             raise RivalError(f"reference_batch_size={batch!r} is out of range: use an integer >= 1")
         count = self.exemplar_batch
         if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
@@ -241,6 +246,19 @@ def resolve_attention(attention: str, dtype: jnp.dtype) -> str:
         return auto_attention(jax.default_backend(), dtype)
     check_attention(attention, dtype)
     return attention
+
+
+def resolve_reference_batch(size: int | None, platform: str | None = None) -> int:
+    """The reference pass's UNet batch on `platform` (default: this backend): `size`, else 8 on a GPU or TPU
+    and 1 on a CPU, where larger batches of full-size attention are slower per evaluation
+    (docs/performance.md#reference-pass-batches).
+
+    >>> resolve_reference_batch(None, "tpu")
+    8
+    """
+    if size is not None:
+        return size
+    return 1 if (platform or jax.default_backend()) == "cpu" else 8
 
 
 def auto_attention(platform: str, dtype: jnp.dtype) -> str:

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from rival_jax.options import RunOptions
+from rival_jax.options import resolve_reference_batch
 from rival_jax.tpu.plan import MODES, Outcome, Planner, Work
 from rival_jax.tpu.report import variations_per_chip_hour
 from rival_jax.tpu.shapes import REFERENCE_LABEL, model_shapes
 from rival_jax.tpu.targets import GIB, resolve_target
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-DEFAULT_BATCH = RunOptions().reference_batch_size
+DEFAULT_BATCH = resolve_reference_batch(None, "tpu")
 HEADER = (
     "| model | target | mode | N | inversion GiB | reference GiB | generation GiB | decode GiB | peak of HBM "
     "| s / variation | variations / chip-hour | RIVAL / plain SD | compile s |\n"

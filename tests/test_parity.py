@@ -42,8 +42,7 @@ def picture(name: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pipe(cache_dir):
-    # One evaluation per reference batch: 3x faster per evaluation than batches of 5 on a CPU at 64x64 latents.
-    return RivalPipeline.from_pretrained(PARITY / "tiny-sd", cache_dir=cache_dir, reference_batch_size=1)
+    return RivalPipeline.from_pretrained(PARITY / "tiny-sd", cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")

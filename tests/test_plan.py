@@ -69,7 +69,7 @@ def test_the_other_reference_mode_is_planned_when_the_asked_one_does_not_fit(cpu
 def test_plan_on_host_devices_prints_every_program_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--target", "cpu:1", "--model", "tiny", "-n", "2", *TINY_RUN]) == 0
     out = capsys.readouterr().out
-    for line in ("target cpu:1: 1 host devices", "generation (keep)", "VAE decode", "plain SD"):
+    for line in ("target cpu:1: 1 host devices", "generation (keep)", "VAE decode", "plain SD", "(reference batch 1)"):
         assert line in out
     assert out.strip().splitlines()[-1] == "fits: reference mode keep, N = 2, every program within memory"
 
@@ -85,6 +85,7 @@ def test_plan_exits_1_naming_the_program_that_does_not_fit(capsys: pytest.Captur
 def test_a_reference_pass_that_does_not_fit_is_planned_in_smaller_batches(capsys: pytest.CaptureFixture[str]) -> None:
     # 256x256: the reference pass's 4 evaluations in one batch need more than 0.07 GiB, in batches of 2 less
     arguments = ["plan", "--target", "cpu:1", "--model", "tiny", "-n", "1", "--reference-mode", "keep"]
+    arguments += ["--reference-batch-size", "4"]  # a CPU's default is 1
     assert main([*arguments, "--steps", "2", "--resolution", "256", "--prompt", "a cat", "--chip-memory", "0.07"]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("does not fit: reference pass needs ")

@@ -18,7 +18,7 @@ from rival_jax.jobs.common import log, show_progress
 from rival_jax.jobs.hosts import process_share
 from rival_jax.jobs.options import PlanOptions
 from rival_jax.jobs.settings import merge_settings
-from rival_jax.options import RunOptions, auto_attention, resolve_dtype
+from rival_jax.options import RunOptions, auto_attention, resolve_dtype, resolve_reference_batch
 from rival_jax.tpu.targets import GIB, parse_target, resolve_target
 
 
@@ -56,7 +56,7 @@ def run_job(job: PlanOptions, options: RunOptions, row: dict[str, Any]) -> int:
         shapes,
         target,
         attention,
-        options.reference_batch_size,
+        resolve_reference_batch(options.reference_batch_size, platform),
         memory,
         lambda label: show and log(f"compiling {label}"),
     )

@@ -25,7 +25,7 @@ from rival_jax.core.reference import ReferenceFeatures, feature_bytes, reference
 from rival_jax.core.unet import Conditioning
 from rival_jax.errors import RivalError
 from rival_jax.models.loading import LoadedModels, load_models
-from rival_jax.options import RunOptions, resolve_attention, resolve_dtype
+from rival_jax.options import RunOptions, resolve_attention, resolve_dtype, resolve_reference_batch
 from rival_jax.pipeline import inputs, programs
 from rival_jax.pipeline.compiled import Executables
 from rival_jax.pipeline.generation import Generation
@@ -80,7 +80,7 @@ class RivalPipeline(Generation):
         modules = programs.Modules(unet, vae, models.schedule, self.dtype, tuple(c.module for c in self.controlnets))
         options = self.options
         # Every program's statics start from these (`dataclasses.replace` for a mesh or traces).
-        self.statics = Statics(modules, self.mesh, attention, options.reference_batch_size)
+        self.statics = Statics(modules, self.mesh, attention, resolve_reference_batch(options.reference_batch_size))
         self.executables = Executables(shared=True)
         self._feature_bytes: dict[tuple, int] = {}
 
@@ -225,7 +225,7 @@ class RivalPipeline(Generation):
         """The reference passes of same-size chains stacked (E, ...), their E*T*C evaluations split over the devices."""
         contexts = Conditioning.concat([self.contexts(chain) for chain in chains])
         per_device = parallel.spread(chains[0].num_inference_steps * contexts.size, self.mesh.size)[1]
-        steps = reference_batches(per_device, self.options.reference_batch_size)[0] * self.mesh.size
+        steps = reference_batches(per_device, self.statics.reference_batch_size)[0] * self.mesh.size
         batch = programs.ReferenceInputs(
             jnp.stack([c.latents for c in chains]), contexts, jnp.asarray(chains[0].timesteps)
         )

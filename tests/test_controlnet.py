@@ -44,10 +44,7 @@ def test_rival_controlnet_matches_the_authors(cache_dir):
         arrays = {**dict(case), "chain": null["chain"]}  # both cases invert with the empty prompt
     meta = json.loads((PARITY / "controlnet.json").read_text())
     control_image = np.asarray(Image.open(PARITY / "control_canny.png"))
-    controlnet = PARITY / "controlnet-tiny"  # reference batches of 1: the fastest on a CPU (test_parity)
-    pipe = RivalPipeline.from_pretrained(
-        PARITY / "tiny-sd", cache_dir=cache_dir, controlnet=controlnet, reference_batch_size=1
-    )
+    pipe = RivalPipeline.from_pretrained(PARITY / "tiny-sd", cache_dir=cache_dir, controlnet=PARITY / "controlnet-tiny")
     exemplar = np.asarray(Image.open(PARITY / "exemplar.png"))
     chain = pipe.invert(exemplar, prompt=meta["inversion_prompt"], num_inference_steps=10)
     np.testing.assert_array_equal(chain.timesteps, meta["timesteps"])

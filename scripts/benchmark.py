@@ -198,11 +198,12 @@ def main() -> None:
         for _ in range(args.repeats):
             chain.reference = entry(reference.run(), 0)
         exemplar_programs["reference pass"] = reference
-        batches, per_batch = reference_batches(args.steps * contexts.size, options.reference_batch_size)
+        batch = pipe.statics.reference_batch_size  # the option, or its default for this backend
+        batches, per_batch = reference_batches(args.steps * contexts.size, batch)
         exemplar_evals = batches * per_batch
         print(", kept")
         print(f"reference pass: compile {reference.compile_seconds:.1f} s, run {reference.seconds:.3f} s ", end="")
-        print(f"({exemplar_evals} UNet evaluations in batches of <= {options.reference_batch_size})", flush=True)
+        print(f"({exemplar_evals} UNet evaluations in batches of <= {batch})", flush=True)
     else:
         exemplar_evals = args.steps * contexts.size
         print(f", not stored: {contexts.size} exemplar entries recomputed in every generation step", flush=True)

@@ -22,7 +22,7 @@ from benchmark import Program  # scripts/benchmark.py, beside this file
 from diffusers.models.attention_flax import FlaxAttention
 
 from rival_jax import RivalError
-from rival_jax.core.attention import FUSE, REPLACE, inject_reference, own_reference
+from rival_jax.core.attention import FUSION, REPLACEMENT, inject_reference, own_reference
 from rival_jax.options import check_attention, resolve_dtype
 
 
@@ -66,8 +66,8 @@ def main() -> None:
     variants = {
         "diffusers self-attention": contextlib.nullcontext,
         f"self-attention, {args.attention} kernel": lambda: own_reference(args.attention),
-        "replacement": lambda: inject_reference({("attn1",): reference}, REPLACE, args.attention),
-        "fusion": lambda: inject_reference({("attn1",): reference}, FUSE, args.attention),
+        "replacement": lambda: inject_reference({("attn1",): reference}, REPLACEMENT, args.attention),
+        "fusion": lambda: inject_reference({("attn1",): reference}, FUSION, args.attention),
     }
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); dtype {dtype.__name__}; batch {args.batch}, ", end="")

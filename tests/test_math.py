@@ -14,14 +14,18 @@ from diffusers.models.unets.unet_2d_condition_flax import FlaxUNet2DConditionOut
 from flax.traverse_util import flatten_dict
 
 from rival_jax.config import RivalConfig
-from rival_jax.core.attention import FUSE, QUERY_BLOCK, REPLACE, inject_reference, own_reference
+from rival_jax.core.attention import (
+    FUSION,
+    PLAIN,
+    QUERY_BLOCK,
+    REPLACEMENT,
+    inject_reference,
+    own_reference,
+)
 from rival_jax.core.ddim import DDIMSchedule, ddim_step
 from rival_jax.core.inversion import invert
 from rival_jax.core.reference import ReferenceFeatures
 from rival_jax.core.sampler import (
-    FUSION,
-    PLAIN,
-    REPLACEMENT,
     GenerationInputs,
     adain,
     aligned_generate,
@@ -48,15 +52,27 @@ def attention():
     return module, module.init(jax.random.PRNGKey(1), x), x
 
 
-def _injected(module, params, x, reference, mode):
-    with inject_reference({("attn1",): reference}, mode):
+def _injected(module, params, x, reference, stage):
+    with inject_reference({("attn1",): reference}, stage):
         return module.apply(params, x)
 
 
-@pytest.mark.parametrize("mode", [REPLACE, FUSE])
-def test_identical_reference_gives_plain_self_attention(attention, mode):
+@pytest.mark.parametrize("stage", [PLAIN, REPLACEMENT, FUSION])
+def test_identical_reference_gives_plain_self_attention(attention, stage):
     module, params, x = attention
-    chex.assert_trees_all_close(_injected(module, params, x, x, mode), module.apply(params, x), atol=1e-5)
+    chex.assert_trees_all_close(_injected(module, params, x, x, stage), module.apply(params, x), atol=1e-5)
+
+
+def test_a_traced_stage_picks_the_same_attention_as_a_fixed_one(attention):
+    """Generation passes the stage as a traced scalar: each hooked layer switches between the three."""
+    module, params, x = attention
+    reference = jax.random.normal(jax.random.PRNGKey(6), x.shape)
+    traced = jax.jit(lambda stage: _injected(module, params, x, reference, stage))
+    outputs = [traced(jnp.int32(stage)) for stage in (PLAIN, REPLACEMENT, FUSION)]
+    for stage, output in zip((PLAIN, REPLACEMENT, FUSION), outputs, strict=True):
+        chex.assert_trees_all_close(output, _injected(module, params, x, reference, stage), atol=1e-6)
+    chex.assert_trees_all_close(outputs[PLAIN], module.apply(params, x), atol=1e-5)
+    assert not np.allclose(outputs[REPLACEMENT], outputs[FUSION], atol=1e-3)
 
 
 def test_own_reference_is_plain_self_attention(attention):
@@ -78,15 +94,15 @@ def test_replacement_takes_keys_and_values_from_reference_only(attention):
     weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), axis=-1)
     mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(3, 10, 16)
     expected = mixed @ p["to_out_0"]["kernel"] + p["to_out_0"]["bias"]
-    chex.assert_trees_all_close(_injected(module, params, x, reference, REPLACE), expected, atol=1e-5)
+    chex.assert_trees_all_close(_injected(module, params, x, reference, REPLACEMENT), expected, atol=1e-5)
 
 
 def test_fusion_attends_to_reference_and_own_tokens(attention):
     module, params, x = attention
     reference = jax.random.normal(jax.random.PRNGKey(3), x.shape)
-    fused = _injected(module, params, x, reference, FUSE)
+    fused = _injected(module, params, x, reference, FUSION)
     assert not np.allclose(fused, module.apply(params, x), atol=1e-3)
-    assert not np.allclose(fused, _injected(module, params, x, reference, REPLACE), atol=1e-3)
+    assert not np.allclose(fused, _injected(module, params, x, reference, REPLACEMENT), atol=1e-3)
 
 
 @pytest.mark.parametrize("tokens", [2 * QUERY_BLOCK, QUERY_BLOCK + 44])
@@ -103,15 +119,15 @@ def test_blockwise_injection_equals_softmax_over_concatenated_keys(tokens):
 
     per_entry = jnp.repeat(reference, 2, axis=0)  # entries 0, 1 pair with reference 0; 2, 3 with reference 1
     q = heads(x @ p["to_q"]["kernel"])
-    for mode, source in ((REPLACE, per_entry), (FUSE, jnp.concatenate([per_entry, x], axis=1))):
+    for stage, source in ((REPLACEMENT, per_entry), (FUSION, jnp.concatenate([per_entry, x], axis=1))):
         k, v = heads(source @ p["to_k"]["kernel"]), heads(source @ p["to_v"]["kernel"])
         mixed = jax.nn.dot_product_attention(q, k, v).reshape(x.shape)
         expected = mixed @ p["to_out_0"]["kernel"] + p["to_out_0"]["bias"]
-        chex.assert_trees_all_close(_injected(module, variables, x, reference, mode), expected, atol=2e-5)
+        chex.assert_trees_all_close(_injected(module, variables, x, reference, stage), expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("mode", [REPLACE, FUSE])
-def test_cudnn_layer_with_a_rejected_shape_falls_back_to_blockwise(attention, mode, monkeypatch):
+@pytest.mark.parametrize("stage", [REPLACEMENT, FUSION])
+def test_cudnn_layer_with_a_rejected_shape_falls_back_to_blockwise(attention, stage, monkeypatch):
     """cuDNN refuses some head dims at trace time (NotImplementedError); that layer must still be computed."""
 
     def rejected(*args, **kwargs):
@@ -119,9 +135,9 @@ def test_cudnn_layer_with_a_rejected_shape_falls_back_to_blockwise(attention, mo
 
     module, params, x = attention
     reference = jax.random.normal(jax.random.PRNGKey(5), x.shape)
-    expected = _injected(module, params, x, reference, mode)
+    expected = _injected(module, params, x, reference, stage)
     monkeypatch.setattr(jax.nn, "dot_product_attention", rejected)
-    with inject_reference({("attn1",): reference}, mode, "cudnn"):
+    with inject_reference({("attn1",): reference}, stage, "cudnn"):
         chex.assert_trees_all_close(module.apply(params, x), expected, atol=1e-6)
 
 
@@ -135,10 +151,10 @@ def test_recording_covers_every_self_attention_layer_of_the_unet(tiny_pipe):
     chex.assert_trees_all_close(eps, unet_output(unet, params, x, 501, text), atol=1e-5)
     for path, states in hidden.items():
         chex.assert_shape(states, (2, None, flatten_dict(params)[(*path, "to_q", "kernel")].shape[0]))
-    same = unet_output_injected(unet, params, x, 501, text, hidden, FUSE)
+    same = unet_output_injected(unet, params, x, 501, text, hidden, FUSION)
     chex.assert_trees_all_close(same, eps, atol=1e-4)
     swapped = {path: states[::-1] for path, states in hidden.items()}
-    assert not np.allclose(unet_output_injected(unet, params, x, 501, text, swapped, REPLACE), eps, atol=1e-3)
+    assert not np.allclose(unet_output_injected(unet, params, x, 501, text, swapped, REPLACEMENT), eps, atol=1e-3)
 
 
 def test_adain_gives_target_channel_statistics():

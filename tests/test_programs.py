@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rival_jax import RivalConfig, RivalPipeline
-from rival_jax.core.attention import FUSE, QUERY_BLOCK, REPLACE, inject_from_batch, inject_reference
+from rival_jax.core.attention import FUSION, QUERY_BLOCK, REPLACEMENT, inject_from_batch, inject_reference
 
 from .test_math import SelfAttention
 
@@ -73,8 +73,8 @@ def flash_as_xla(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("layout", ["stored", "recomputed"])
-@pytest.mark.parametrize("mode", [REPLACE, FUSE])
-def test_cudnn_path_equals_blockwise_kernel(flash_as_xla, layout, mode):
+@pytest.mark.parametrize("stage", [REPLACEMENT, FUSION])
+def test_cudnn_path_equals_blockwise_kernel(flash_as_xla, layout, stage):
     """Two groups of two entries (each group with its own exemplar), over several query blocks."""
     module, tokens = SelfAttention(), QUERY_BLOCK + 44
     x = jax.random.normal(jax.random.PRNGKey(0), (4, tokens, 16))
@@ -83,9 +83,9 @@ def test_cudnn_path_equals_blockwise_kernel(flash_as_xla, layout, mode):
 
     def run(implementation):
         if layout == "stored":
-            with inject_reference({("attn1",): exemplars}, mode, implementation):
+            with inject_reference({("attn1",): exemplars}, stage, implementation):
                 return module.apply(variables, x)
-        with inject_from_batch(2, jnp.array([0, 1]), mode, implementation):
+        with inject_from_batch(2, jnp.array([0, 1]), stage, implementation):
             return module.apply(variables, jnp.concatenate([exemplars, x]))
 
     blockwise = run(None)
@@ -94,8 +94,8 @@ def test_cudnn_path_equals_blockwise_kernel(flash_as_xla, layout, mode):
     assert flash_as_xla == ["cudnn"]
 
 
-@pytest.mark.parametrize("mode", [REPLACE, FUSE])
-def test_recomputed_exemplar_entries_ignore_the_generated_ones(mode):
+@pytest.mark.parametrize("stage", [REPLACEMENT, FUSION])
+def test_recomputed_exemplar_entries_ignore_the_generated_ones(stage):
     """In the authors' layout the exemplar's entries share the batch with the generated ones; each
     self-attention layer gives them what it gives the exemplar alone, whatever the generated entries hold."""
     module, tokens = SelfAttention(), QUERY_BLOCK + 44
@@ -104,7 +104,7 @@ def test_recomputed_exemplar_entries_ignore_the_generated_ones(mode):
     alone = module.apply(variables, exemplars)
     for seed in (2, 3):
         generated = 3.0 * jax.random.normal(jax.random.PRNGKey(seed), (4, tokens, 16))
-        with inject_from_batch(2, jnp.array([0, 1]), mode):
+        with inject_from_batch(2, jnp.array([0, 1]), stage):
             out = module.apply(variables, jnp.concatenate([exemplars, generated]))
         chex.assert_trees_all_close(out[:2], alone, atol=1e-6)
         assert not np.allclose(out[2:], module.apply(variables, generated), atol=1e-3)

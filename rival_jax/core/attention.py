@@ -8,6 +8,10 @@ transformer block (`attn1`, the self-attention; the text cross-attention `attn2`
 - `inject_reference`: a generated pass keeps its own queries and takes keys/values from the
   exemplar's stored hidden states (replacement) or from exemplar and own together (fusion).
 
+The stage (`PLAIN`, `REPLACEMENT`, `FUSION`) may be a traced scalar: each hooked layer then picks
+its attention with `lax.switch`, so a generation program traces and compiles the UNet once for all
+three stages (docs/performance.md#one-unet-for-every-stage).
+
 The exemplar's keys/values are projected once per group and shared by every generated entry of the
 group, whose queries are stacked into one matrix product against them. Fusion never builds the
 concatenated keys: the attention over the exemplar's tokens and over the entry's own tokens are
@@ -33,7 +37,9 @@ from rival_jax.core import pallas_attention
 
 REFERENCE_COLLECTION = "intermediates"
 REFERENCE_NAME = "rival_reference"
-REPLACE, FUSE = "replace", "fuse"
+# The attention stages of aligned generation: own tokens only, the exemplar's only, both.
+PLAIN, REPLACEMENT, FUSION = 0, 1, 2
+Stage = int | jnp.ndarray
 QUERY_BLOCK = 256
 KeyValues = pallas_attention.KeyValues
 
@@ -151,7 +157,7 @@ def cross_image_attention(
     attention: Any,
     hidden: jnp.ndarray,
     reference: jnp.ndarray,
-    mode: str,
+    stage: Stage,
     implementation: str | None = None,
     shares: dict[tuple[str, ...], jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
@@ -159,30 +165,50 @@ def cross_image_attention(
 
     hidden (G*n, L, D): the generated entries' input, G contiguous groups of n entries; reference
     (G, L, D): the exemplar's input to the same layer, one per group (group g pairs with reference g).
-    Replacement: keys/values from the exemplar only; fusion: from the exemplar's and the entry's own
-    tokens together. `shares`: in fusion, receives `exemplar_share` under the layer's path (traces
-    only; the output is the same with or without it).
+    stage: PLAIN (each entry's own tokens), REPLACEMENT (keys/values from the exemplar only) or FUSION
+    (from the exemplar's and the entry's own tokens together); a Python int, or a traced scalar that
+    `lax.switch` reads. `shares`: receives each entry's `exemplar_share` under the layer's path (1.0 in
+    replacement, NaN in plain; traces only, the output is the same with or without it).
     """
 
     def heads(x: jnp.ndarray) -> jnp.ndarray:
         return x.reshape(x.shape[0], x.shape[1], attention.heads, attention.dim_head)
 
+    def key_values(x: jnp.ndarray) -> KeyValues:
+        return heads(attention.key(x)), heads(attention.value(x))
+
     own = hidden.astype(attention.dtype)
-    stored = reference.astype(attention.dtype)
-    reference_kv = (heads(attention.key(stored)), heads(attention.value(stored)))
-    own_kv = (heads(attention.key(own)), heads(attention.value(own))) if mode == FUSE else None
-    method = KERNELS[implementation or "xla"]
-    queries = heads(attention.query(own))
-    mixed = method(queries, reference_kv, own_kv, attention.scale).astype(attention.dtype)
-    if shares is not None and own_kv is not None:
-        shares[tuple(attention.path)] = exemplar_share(queries, reference_kv, own_kv, attention.scale)
+    kernel = KERNELS[implementation or "xla"]
+
+    def attended(reference_kv: KeyValues, own_kv: KeyValues | None, share: Callable) -> tuple:
+        queries = heads(attention.query(own))
+        mixed = kernel(queries, reference_kv, own_kv, attention.scale).astype(attention.dtype)
+        return mixed, None if shares is None else share(queries).astype(jnp.float32)
+
+    def constant(value: float) -> Callable:
+        return lambda _: jnp.full(own.shape[:1], value)
+
+    def plain() -> tuple:
+        return attended(key_values(own), None, constant(jnp.nan))
+
+    def replacement() -> tuple:
+        return attended(key_values(reference.astype(attention.dtype)), None, constant(1.0))
+
+    def fusion() -> tuple:
+        reference_kv, own_kv = key_values(reference.astype(attention.dtype)), key_values(own)
+        return attended(reference_kv, own_kv, lambda q: exemplar_share(q, reference_kv, own_kv, attention.scale))
+
+    branches = (plain, replacement, fusion)
+    mixed, share = branches[stage]() if isinstance(stage, int) else jax.lax.switch(stage, branches)
+    if shares is not None:
+        shares[tuple(attention.path)] = share
     out = attention.proj_attn(mixed.reshape(own.shape[0], own.shape[1], attention.heads * attention.dim_head))
     return attention.dropout_layer(out, deterministic=True)
 
 
 def _replace_self_attention(
     reference_of: Callable[[Any, jnp.ndarray], jnp.ndarray],
-    mode: str,
+    stage: Stage,
     implementation: str | None,
     shares: dict | None = None,
 ) -> contextlib.AbstractContextManager:
@@ -192,28 +218,28 @@ def _replace_self_attention(
         if not _is_self_attention(context):
             return next_fun(*args, **kwargs)
         reference = reference_of(context.module, args[0])
-        return cross_image_attention(context.module, args[0], reference, mode, implementation, shares)
+        return cross_image_attention(context.module, args[0], reference, stage, implementation, shares)
 
     return nn.intercept_methods(interceptor)
 
 
 def inject_reference(
     reference: dict[tuple[str, ...], jnp.ndarray],
-    mode: str,
+    stage: Stage,
     implementation: str | None = None,
     shares: dict | None = None,
 ) -> contextlib.AbstractContextManager:
     """Within this context every attn1 runs `cross_image_attention` against `reference[its path]`.
 
-    `shares`: a dict that receives each layer's `exemplar_share` in fusion (see `core.traces`).
+    `shares`: a dict that receives each layer's exemplar share (see `core.traces`).
     """
-    return _replace_self_attention(lambda layer, _: reference[tuple(layer.path)], mode, implementation, shares)
+    return _replace_self_attention(lambda layer, _: reference[tuple(layer.path)], stage, implementation, shares)
 
 
 def inject_from_batch(
     leading: int,
     group_reference: jnp.ndarray,
-    mode: str,
+    stage: Stage,
     implementation: str | None = None,
     shares: dict | None = None,
 ) -> contextlib.AbstractContextManager:
@@ -232,7 +258,7 @@ def inject_from_batch(
         exemplar, own = hidden[:leading], hidden[leading:]
         exemplar_out = next_fun(exemplar, *args[1:], **kwargs)
         reference = exemplar[group_reference]
-        own_out = cross_image_attention(context.module, own, reference, mode, implementation, shares)
+        own_out = cross_image_attention(context.module, own, reference, stage, implementation, shares)
         return jnp.concatenate([exemplar_out, own_out.astype(exemplar_out.dtype)], axis=0)
 
     return nn.intercept_methods(interceptor)
@@ -243,4 +269,4 @@ def own_reference(implementation: str | None = None) -> contextlib.AbstractConte
 
     That is plain self-attention computed by the injected layers' kernel: a like-for-like baseline.
     """
-    return _replace_self_attention(lambda _, hidden: hidden, REPLACE, implementation)
+    return _replace_self_attention(lambda _, hidden: hidden, PLAIN, implementation)

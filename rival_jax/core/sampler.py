@@ -3,12 +3,12 @@
 `aligned_generate` denoises the variations with cross-image self-attention against the exemplar's
 hidden states, AdaIN onto the exemplar's noise, and classifier-free guidance. The exemplar's side
 comes from `reference` (stored once, or recomputed in every step beside the variations). The
-attention stage and the AdaIN stage are chosen per step by `lax` control flow on the timestep.
+attention stage (inside each hooked layer, so the UNet is traced once) and the AdaIN stage are chosen
+per step by `lax` control flow on the timestep.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar
 
 import jax
@@ -17,15 +17,14 @@ from flax import struct
 
 from rival_jax import progress
 from rival_jax.core import traces
-from rival_jax.core.attention import FUSE, REPLACE
+from rival_jax.core.attention import FUSION, PLAIN, REPLACEMENT, Stage
 from rival_jax.core.control import ControlInputs, control_residuals
 from rival_jax.core.ddim import DDIMSchedule, ddim_step
 from rival_jax.core.parallel import DATA, EXEMPLARS
 from rival_jax.core.reference import ReferenceFeatures
-from rival_jax.core.unet import Conditioning, unet_output, unet_output_alongside, unet_output_injected
+from rival_jax.core.unet import Conditioning, unet_output_alongside, unet_output_injected
 
 ADAIN_EPS = 1e-5
-PLAIN, REPLACEMENT, FUSION = 0, 1, 2
 
 
 @struct.dataclass
@@ -176,48 +175,24 @@ def aligned_generate(
     implementation = attention_implementation
     layers = traces.attention_layers(unet, params, inputs.start.shape[1:], batch_cond) if return_traces else ()
 
-    def staged(t, plain, injected, entries):
-        """The attention stage's output and, with traces, each layer's exemplar share (L, entries)."""
-
-        def constant(value: float) -> jnp.ndarray | None:
-            return traces.constant_shares(value, layers, entries) if return_traces else None
-
-        def fusion():
-            shares = {} if return_traces else None
-            output = injected(FUSE, shares)
-            return output, traces.stacked_shares(shares, layers) if return_traces else None
-
-        branches = [lambda: (plain(), constant(jnp.nan)), lambda: (injected(REPLACE, None), constant(1.0)), fusion]
-        return jax.lax.switch(attention_stage(t, settings), branches)
-
-    def stored_exemplar(latents, t, stored, residuals):
+    def stored_exemplar(latents, t, stored, residuals, stage: Stage, shares: dict | None):
         hidden, eps_reference = stored
         grouped = {path: states[group_context] for path, states in hidden.items()}
+        output = unet_output_injected(
+            unet, params, latents, t, batch_cond, grouped, stage, implementation, residuals, shares
+        )
+        return output, eps_reference
 
-        def injected(mode, shares):
-            return unet_output_injected(
-                unet, params, latents, t, batch_cond, grouped, mode, implementation, residuals, shares
-            )
-
-        plain = functools.partial(unet_output, unet, params, latents, t, batch_cond, residuals)
-        output, shares = staged(t, plain, injected, latents.shape[0])
-        return output, eps_reference, shares
-
-    def recomputed_exemplar(latents, t, x_reference, residuals):
+    def recomputed_exemplar(latents, t, x_reference, residuals, stage: Stage, shares: dict | None):
         leading = contexts.size
         both = jnp.concatenate([jnp.broadcast_to(x_reference, (leading, *x_reference.shape)), latents])
         cond = Conditioning.concat([contexts, batch_cond])
         residuals = None if residuals is None else residuals.after_zeros(leading)
-
-        def injected(mode, shares):
-            return unet_output_alongside(
-                unet, params, both, t, cond, leading, group_context, mode, implementation, residuals, shares
-            )
-
-        plain = functools.partial(unet_output, unet, params, both, t, cond, residuals)
-        output, shares = staged(t, plain, injected, latents.shape[0])
+        output = unet_output_alongside(
+            unet, params, both, t, cond, leading, group_context, stage, implementation, residuals, shares
+        )
         eps_reference = schedule.epsilon(output[leading - 1].astype(jnp.float32), x_reference, schedule.alpha(t))
-        return output[leading:], eps_reference, shares
+        return output[leading:], eps_reference
 
     def step(x: jnp.ndarray, xs: tuple) -> tuple[jnp.ndarray, tuple | None]:
         index, t = xs
@@ -232,10 +207,11 @@ def aligned_generate(
         residuals = None
         if controlnets:
             residuals = control_residuals(controlnets, inputs.control, latents, t, batch_cond, index, steps)
+        stage, shares = attention_stage(t, settings), {} if return_traces else None
         if stored is None:
-            output, eps_reference, shares = recomputed_exemplar(latents, t, x_reference, residuals)
+            output, eps_reference = recomputed_exemplar(latents, t, x_reference, residuals, stage, shares)
         else:
-            output, eps_reference, shares = stored_exemplar(latents, t, stored, residuals)
+            output, eps_reference = stored_exemplar(latents, t, stored, residuals, stage, shares)
         alpha = schedule.alpha(t)
         eps = schedule.epsilon(output.astype(jnp.float32), latents.astype(jnp.float32), alpha)
         eps_uncond, eps_cond = jnp.split(eps, 2)
@@ -251,7 +227,7 @@ def aligned_generate(
         if report_progress:
             progress.tick(t)
         if return_traces:
-            per_variation = shares.reshape(len(layers), 2, count).mean(axis=1)
+            per_variation = traces.stacked_shares(shares, layers).reshape(len(layers), 2, count).mean(axis=1)
             return x_next, (per_variation, traces.statistic_distance(x, x_reference))
         return x_next, None
 

@@ -67,13 +67,8 @@ def statistic_distance(latents: jnp.ndarray, reference: jnp.ndarray) -> jnp.ndar
 
 
 def stacked_shares(shares: dict, layers: Layers) -> jnp.ndarray:
-    """The shares a fusion step's `shares` dict received, as (L, entries) in the order of `layers`."""
+    """The shares a step's `shares` dict received, as (L, entries) in the order of `layers`."""
     return jnp.stack([shares[layer] for layer in layers])
-
-
-def constant_shares(value: float, layers: Layers, entries: int) -> jnp.ndarray:
-    """Shares (L, entries) of a step without fusion: 1.0 in replacement, NaN without injection."""
-    return jnp.full((len(layers), entries), value, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

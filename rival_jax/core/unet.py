@@ -15,6 +15,7 @@ from flax import struct
 
 from rival_jax.core.attention import (
     REFERENCE_COLLECTION,
+    Stage,
     inject_from_batch,
     inject_reference,
     record_reference,
@@ -84,16 +85,17 @@ def unet_output_injected(
     t: jnp.ndarray,
     cond: Conditioning,
     reference: dict[tuple[str, ...], jnp.ndarray],
-    mode: str,
+    stage: Stage,
     implementation: str | None = None,
     residuals: Any = None,
     shares: dict | None = None,
 ) -> jnp.ndarray:
     """The prediction with cross-image self-attention against stored `reference` states (`inject_reference`).
 
-    `shares`: a dict that receives each layer's exemplar share in fusion (traces; the output is the same).
+    `stage`: the attention stage (`attention.PLAIN`, `REPLACEMENT`, `FUSION`; may be traced). `shares`: a dict that
+    receives each layer's exemplar share (traces; the output is the same).
     """
-    with inject_reference(reference, mode, implementation, shares):
+    with inject_reference(reference, stage, implementation, shares):
         return unet_output(unet, params, latents, t, cond, residuals)
 
 
@@ -105,7 +107,7 @@ def unet_output_alongside(
     cond: Conditioning,
     leading: int,
     group_reference: jnp.ndarray,
-    mode: str,
+    stage: Stage,
     implementation: str | None = None,
     residuals: Any = None,
     shares: dict | None = None,
@@ -114,5 +116,5 @@ def unet_output_alongside(
 
     `shares`: as in `unet_output_injected`, for the generated entries.
     """
-    with inject_from_batch(leading, group_reference, mode, implementation, shares):
+    with inject_from_batch(leading, group_reference, stage, implementation, shares):
         return unet_output(unet, params, latents, t, cond, residuals)

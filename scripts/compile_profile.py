@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from rival_jax.files import save_json
+
 COMPILE_EVENTS = "/jax/core/compile/"
 _seconds: collections.Counter = collections.Counter()
 _rows: list[dict] = []
@@ -44,8 +46,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 def pytest_sessionfinish(session) -> None:
     folder = Path(os.environ.get("COMPILE_PROFILE_DIR", "compile-profile"))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.json").write_text(json.dumps(_rows))
+    save_json(_rows, folder / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.json")
 
 
 def report(folder: Path, top: int = 15) -> None:
@@ -53,10 +54,11 @@ def report(folder: Path, top: int = 15) -> None:
     events = collections.Counter()
     files: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for row in rows:
-        compiling = sum(v for k, v in row.items() if k not in ("test", "wall"))
-        events.update({k: v for k, v in row.items() if k not in ("test", "wall")})
-        files[row["test"].split("::")[0]][0] += row["wall"]
-        files[row["test"].split("::")[0]][1] += compiling
+        compiling = {k: v for k, v in row.items() if k not in ("test", "wall")}
+        events.update(compiling)
+        totals = files[row["test"].split("::")[0]]
+        totals[0] += row["wall"]
+        totals[1] += sum(compiling.values())
     print(f"{len(rows)} tests, {sum(r['wall'] for r in rows):,.0f} worker-seconds")
     for event, seconds in events.most_common():
         print(f"  {seconds:8,.0f} s  {event}")

@@ -177,26 +177,23 @@ def cross_image_attention(
     def key_values(x: jnp.ndarray) -> KeyValues:
         return heads(attention.key(x)), heads(attention.value(x))
 
-    own = hidden.astype(attention.dtype)
+    own, stored = hidden.astype(attention.dtype), reference.astype(attention.dtype)
+    queries = heads(attention.query(own))
     kernel = KERNELS[implementation or "xla"]
 
-    def attended(reference_kv: KeyValues, own_kv: KeyValues | None, share: Callable) -> tuple:
-        queries = heads(attention.query(own))
+    def attended(reference_kv: KeyValues, own_kv: KeyValues | None, share: Callable[[], jnp.ndarray]) -> tuple:
         mixed = kernel(queries, reference_kv, own_kv, attention.scale).astype(attention.dtype)
-        return mixed, None if shares is None else share(queries).astype(jnp.float32)
-
-    def constant(value: float) -> Callable:
-        return lambda _: jnp.full(own.shape[:1], value)
+        return mixed, None if shares is None else share().astype(jnp.float32)
 
     def plain() -> tuple:
-        return attended(key_values(own), None, constant(jnp.nan))
+        return attended(key_values(own), None, lambda: jnp.full(own.shape[:1], jnp.nan))
 
     def replacement() -> tuple:
-        return attended(key_values(reference.astype(attention.dtype)), None, constant(1.0))
+        return attended(key_values(stored), None, lambda: jnp.ones(own.shape[:1]))
 
     def fusion() -> tuple:
-        reference_kv, own_kv = key_values(reference.astype(attention.dtype)), key_values(own)
-        return attended(reference_kv, own_kv, lambda q: exemplar_share(q, reference_kv, own_kv, attention.scale))
+        reference_kv, own_kv = key_values(stored), key_values(own)
+        return attended(reference_kv, own_kv, lambda: exemplar_share(queries, reference_kv, own_kv, attention.scale))
 
     branches = (plain, replacement, fusion)
     mixed, share = branches[stage]() if isinstance(stage, int) else jax.lax.switch(stage, branches)

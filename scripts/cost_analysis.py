@@ -31,7 +31,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--counts", default="8,16,64", help="variations of one exemplar, comma-separated")
     parser.add_argument("--exemplars", type=int, default=8, help="exemplars of the augment batch")
     parser.add_argument("--variations", type=int, default=16, help="variations per exemplar of the augment batch")
-    parser.add_argument("--reference-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--reference-batch-size",
+        type=int,
+        help="keep's reference pass UNet batch (default: what `generate` picks on an accelerator)",
+    )
     return parser.parse_args(argv)
 
 
@@ -42,6 +46,7 @@ if ARGS is not None:
 import jax.numpy as jnp  # noqa: E402
 
 from rival_jax.core import attention  # noqa: E402
+from rival_jax.options import resolve_reference_batch  # noqa: E402
 from rival_jax.tpu.plan import Planner, Work  # noqa: E402
 from rival_jax.tpu.shapes import model_shapes  # noqa: E402
 from rival_jax.tpu.targets import GIB, resolve_target  # noqa: E402
@@ -59,7 +64,8 @@ def main(args: argparse.Namespace) -> None:
         args.resolution,
         True,
     )
-    planner = Planner(shapes, resolve_target(f"cpu:{args.devices}"), "xla", args.reference_batch_size, 1024 * GIB)
+    batch = resolve_reference_batch(args.reference_batch_size, "tpu")
+    planner = Planner(shapes, resolve_target(f"cpu:{args.devices}"), "xla", batch, 1024 * GIB)
     kind = "tiny" if args.tiny else "full"
     print(f"{kind} {args.family} architecture, {args.resolution}x{args.resolution}, {args.steps} steps, ", end="")
     print(f"C = {args.contexts}, {args.devices} x cpu devices; per device, GFLOP / GB")

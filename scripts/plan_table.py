@@ -37,9 +37,12 @@ HEADER = (
 )
 
 
-def row(label: str, target: str, outcome: Outcome, chips: float, attention: str = "xla") -> str:
+def row(
+    label: str, target: str, outcome: Outcome, chips: float, attention: str = "xla", batch: int = DEFAULT_BATCH
+) -> str:
     """One Markdown row: memory per program, the peak against the device's memory, roofline figures (xla
-    attention only: the FLOPs of any other kernel are not counted)."""
+    attention only: the FLOPs of any other kernel are not counted); `batch`: keep's reference batch per
+    device in a default run (the mode cell names any other)."""
     by_label = {m.label.split(" (")[0]: m for m in outcome.measurements}
 
     def gib(name: str) -> str:
@@ -63,7 +66,7 @@ def row(label: str, target: str, outcome: Outcome, chips: float, attention: str 
     cells = (
         label,
         target,
-        _mode(outcome, attention),
+        _mode(outcome, attention, batch),
         str(outcome.variations),
         gib("inversion"),
         gib(REFERENCE_LABEL),
@@ -76,9 +79,9 @@ def row(label: str, target: str, outcome: Outcome, chips: float, attention: str 
     return "| " + " | ".join(cells) + " |"
 
 
-def _mode(outcome: Outcome, attention: str) -> str:
+def _mode(outcome: Outcome, attention: str, batch: int) -> str:
     """The mode, and what differs from a default run: keep's reference batch, the attention kernel."""
-    notes = [f"reference batch {outcome.reference_batch}"] if outcome.reference_batch != DEFAULT_BATCH else []
+    notes = [f"reference batch {outcome.reference_batch}"] if outcome.reference_batch not in (None, batch) else []
     notes += [attention] if attention != "xla" else []
     return f"{outcome.mode} ({', '.join(notes)})" if notes else outcome.mode
 
@@ -101,9 +104,10 @@ def main() -> None:
             target = resolve_target(name)
             planner = Planner(shapes, target, args.attention, DEFAULT_BATCH, target.device_memory(), print)
             for mode in args.modes:
-                start = time.monotonic()
-                outcome = planner.outcome_in_batches(Work(1, int(variations), 50, 2, mode), mode)
-                line = row(f"{shapes.label} {resolution}", name, outcome, target.local_chips, args.attention)
+                start, work = time.monotonic(), Work(1, int(variations), 50, 2, mode)
+                outcome = planner.outcome_in_batches(work, mode)
+                label = f"{shapes.label} {resolution}"
+                line = row(label, name, outcome, target.local_chips, args.attention, planner.reference_batch(work))
                 with args.out.open("a") as table:
                     table.write(line + "\n")
                 print(line, f"({time.monotonic() - start:.0f} s wall)", flush=True)

@@ -38,10 +38,12 @@ def test_every_program_of_a_run_is_measured_per_device_with_positive_memory_and_
     for m in outcome.measurements:
         assert m.arguments > 0 and m.total > 0 and m.flops > 0 and m.bytes_accessed > 0 and m.compile_s > 0, m
     assert outcome.fits and outcome.seconds_per_variation is None  # host devices have no roofline figures
+    assert outcome.reference_batch == 4  # 2 steps x 2 contexts: one UNet batch of 4, under the option's 8
 
 
 def test_memory_and_flops_grow_with_the_variations(cpu_planner: Planner) -> None:
     two, four = (cpu_planner.outcome(Work(1, n, 2, 2, "recompute"), "recompute") for n in (2, 4))
+    assert two.reference_batch is None  # recompute has no reference pass
     by_label = {m.label: m for m in four.measurements}
     for small in two.measurements:
         large = by_label[small.label]

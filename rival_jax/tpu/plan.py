@@ -61,7 +61,7 @@ class Measurement:
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """A run's programs for one reference mode and N, measured; `fits`: every one within `memory` per device.
-    `reference_batch`: the reference pass's UNet batch (`--reference-batch-size`; keep's reference pass)."""
+    `reference_batch`: keep's reference pass's UNet batch on one device (None in recompute)."""
 
     mode: str
     variations: int
@@ -70,7 +70,7 @@ class Outcome:
     plain: Measurement
     memory: int
     images: int
-    reference_batch: int
+    reference_batch: int | None
 
     @property
     def measurements(self) -> tuple[Measurement, ...]:
@@ -115,10 +115,12 @@ class Work:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """`asked`: the run as asked (its mode: as given, or what "auto" picks); `fitting`: the first outcome that
-    fits (`asked` itself when it does), None when nothing does at N = 1."""
+    fits (`asked` itself when it does), None when nothing does at N = 1; `reference_batch_size`: the
+    `--reference-batch-size` that `fitting` needs, None when the run's own serves."""
 
     asked: Outcome
     fitting: Outcome | None
+    reference_batch_size: int | None = None
 
 
 class Planner:
@@ -198,10 +200,10 @@ class Planner:
         """The run's programs in reference `mode` ("keep" or "recompute"), measured; keep's reference pass in
         UNet batches of `reference_batch` (default: the planner's `reference_batch_size`)."""
         shapes, statics, steps = self.shapes, self.statics, work.steps
-        batch = reference_batch or statics.reference_batch_size
+        batch = self.reference_batch(work, reference_batch) if mode == "keep" else None
         rival = [self.measure(build.inversion(shapes, statics, work.exemplars, steps))[0]]
         features = None
-        if mode == "keep":
+        if batch is not None:
             measured, features = self.measure(self._reference_call(work, batch))
             rival.append(measured)
         if mode != "keep" or features is not None:  # keep's generation takes the reference pass's output
@@ -219,6 +221,13 @@ class Planner:
         rows = parallel.exemplar_rows(self.statics.mesh.size, work.exemplars, work.variations)
         return parallel.padded_length(work.exemplars, rows) if work.exemplars > 1 else 1
 
+    def reference_batch(self, work: Work, size: int | None = None) -> int:
+        """Keep's reference pass's UNet batch on one device for `work`, of at most `size` (default: the
+        planner's `reference_batch_size`): the even split `reference_pass_many` runs."""
+        items = work.steps * work.contexts * self._reference_exemplars(work)
+        per_device = parallel.spread(items, self.statics.mesh.size)[1]
+        return reference_batches(per_device, size or self.statics.reference_batch_size)[1]
+
     def _reference_call(self, work: Work, batch: int) -> Call:
         statics = dataclasses.replace(self.statics, reference_batch_size=batch)
         return build.reference(self.shapes, statics, self._reference_exemplars(work), work.steps, work.contexts)
@@ -229,12 +238,8 @@ class Planner:
         found = self.outcome(work, mode)
         if mode != "keep" or self.feature_bytes(work) > self.memory:
             return found
-        items = work.steps * work.contexts * self._reference_exemplars(work)
-        per_device = parallel.spread(items, self.statics.mesh.size)[1]
-        batch = reference_batches(per_device, found.reference_batch)[1]
-        while found.only_reference_too_big and batch > 1:
-            batch = reference_batches(per_device, batch // 2)[1]
-            found = self.outcome(work, mode, batch)
+        while found.only_reference_too_big and found.reference_batch > 1:
+            found = self.outcome(work, mode, found.reference_batch // 2)
         return found
 
     def feature_bytes(self, work: Work) -> int:
@@ -260,9 +265,11 @@ class Planner:
         variations = work.variations
         while True:
             for mode in modes:
-                found = self.outcome_in_batches(dataclasses.replace(work, variations=variations), mode)
+                smaller = dataclasses.replace(work, variations=variations)
+                found = self.outcome_in_batches(smaller, mode)
                 if found.fits:
-                    return Plan(asked, found)
+                    halved = found.reference_batch is not None and found.reference_batch < self.reference_batch(smaller)
+                    return Plan(asked, found, found.reference_batch if halved else None)
             if variations == 1:
                 return Plan(asked, None)
             variations //= 2

@@ -70,7 +70,7 @@ def _row(m: Measurement, memory: int) -> tuple[str, ...]:
 
 def summary(outcome: Outcome, chips_per_host: float) -> str:
     """Seconds per variation, variations per chip-hour and the ratio to plain SD (roofline), or why not."""
-    batch = f" (reference batch {outcome.reference_batch})" if outcome.mode == "keep" else ""
+    batch = f" (reference batch {outcome.reference_batch})" if outcome.reference_batch else ""
     head = (
         f"reference mode {outcome.mode}{batch}, N = {outcome.variations} per exemplar, {outcome.images} images per host"
     )
@@ -106,11 +106,7 @@ def verdict(plan: Plan, hosts: int) -> str:
     if fitting is None:
         return f"does not fit: {need}; nothing fits, not even N = 1 in reference mode recompute"
     where = " per host" if hosts > 1 else ""
-    batch = f" --reference-batch-size {fitting.reference_batch}" if _smaller_reference_batch(asked, fitting) else ""
+    batch = f" --reference-batch-size {plan.reference_batch_size}" if plan.reference_batch_size else ""
     return (
         f"does not fit: {need}; would fit: --reference-mode {fitting.mode}{batch} with N = {fitting.variations}{where}"
     )
-
-
-def _smaller_reference_batch(asked: Outcome, fitting: Outcome) -> bool:
-    return fitting.mode == "keep" and fitting.reference_batch < asked.reference_batch

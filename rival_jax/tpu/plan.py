@@ -222,8 +222,7 @@ class Planner:
         return parallel.padded_length(work.exemplars, rows) if work.exemplars > 1 else 1
 
     def reference_batch(self, work: Work, size: int | None = None) -> int:
-        """Keep's reference pass's UNet batch on one device for `work`, of at most `size` (default: the
-        planner's `reference_batch_size`): the even split `reference_pass_many` runs."""
+        """Keep's reference-pass UNet batch per device, at most `size` (default: the planner's), as a run splits it."""
         items = work.steps * work.contexts * self._reference_exemplars(work)
         per_device = parallel.spread(items, self.statics.mesh.size)[1]
         return reference_batches(per_device, size or self.statics.reference_batch_size)[1]

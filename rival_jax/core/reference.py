@@ -56,6 +56,11 @@ def reference_batches(items: int, batch_size: int) -> tuple[int, int]:
     return batches, -(-items // batches)
 
 
+def device_batches(items: int, devices: int, batch_size: int) -> tuple[int, int]:
+    """`reference_batches` of one device's share when `items` evaluations are split evenly over `devices`."""
+    return reference_batches(parallel.spread(items, devices)[1], batch_size)
+
+
 @struct.dataclass
 class ReferenceItems:
     """The reference pass's evaluations, one entry per (exemplar, step, context), split over the devices.
@@ -97,7 +102,7 @@ def reference_pass_many(
     count = contexts.size // exemplars
     items = exemplars * steps * count
     devices = 1 if mesh is None else mesh.size
-    batches, per_batch = reference_batches(parallel.spread(items, devices)[1], batch_size)
+    batches, per_batch = device_batches(items, devices, batch_size)
     item = parallel.pad_to(np.arange(items), devices * batches * per_batch)
     exemplar_of, step_of, context_of = item // (steps * count), item // count % steps, item % count
     inputs = ReferenceItems(

@@ -21,7 +21,7 @@ import numpy as np
 from rival_jax import images
 from rival_jax.config import RivalConfig
 from rival_jax.core import parallel
-from rival_jax.core.reference import ReferenceFeatures, feature_bytes, reference_batches
+from rival_jax.core.reference import ReferenceFeatures, device_batches, feature_bytes
 from rival_jax.core.unet import Conditioning
 from rival_jax.errors import RivalError
 from rival_jax.models.loading import LoadedModels, load_models
@@ -224,8 +224,8 @@ class RivalPipeline(Generation):
     def _reference_many(self, chains: Sequence[InversionChain], show: bool = False) -> ReferenceFeatures:
         """The reference passes of same-size chains stacked (E, ...), their E*T*C evaluations split over the devices."""
         contexts = Conditioning.concat([self.contexts(chain) for chain in chains])
-        per_device = parallel.spread(chains[0].num_inference_steps * contexts.size, self.mesh.size)[1]
-        steps = reference_batches(per_device, self.statics.reference_batch_size)[0] * self.mesh.size
+        items = chains[0].num_inference_steps * contexts.size
+        steps = device_batches(items, self.mesh.size, self.statics.reference_batch_size)[0] * self.mesh.size
         batch = programs.ReferenceInputs(
             jnp.stack([c.latents for c in chains]), contexts, jnp.asarray(chains[0].timesteps)
         )

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from rival_jax.core import parallel
-from rival_jax.core.reference import KEEP_MEMORY_FRACTION, feature_bytes, reference_batches
+from rival_jax.core.reference import KEEP_MEMORY_FRACTION, device_batches, feature_bytes
 from rival_jax.pipeline import compiled, programs
 from rival_jax.tpu import gpus
 from rival_jax.tpu import shapes as build
@@ -224,8 +224,7 @@ class Planner:
     def reference_batch(self, work: Work, size: int | None = None) -> int:
         """Keep's reference-pass UNet batch per device, at most `size` (default: the planner's), as a run splits it."""
         items = work.steps * work.contexts * self._reference_exemplars(work)
-        per_device = parallel.spread(items, self.statics.mesh.size)[1]
-        return reference_batches(per_device, size or self.statics.reference_batch_size)[1]
+        return device_batches(items, self.statics.mesh.size, size or self.statics.reference_batch_size)[1]
 
     def _reference_call(self, work: Work, batch: int) -> Call:
         statics = dataclasses.replace(self.statics, reference_batch_size=batch)

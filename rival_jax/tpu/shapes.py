@@ -21,7 +21,7 @@ from rival_jax import images
 from rival_jax.config import RivalConfig
 from rival_jax.core import parallel
 from rival_jax.core.ddim import DDIMSchedule
-from rival_jax.core.reference import reference_batches
+from rival_jax.core.reference import device_batches
 from rival_jax.core.sampler import GenerationInputs
 from rival_jax.core.unet import Conditioning
 from rival_jax.errors import RivalError
@@ -138,8 +138,7 @@ def reference(shapes: ModelShapes, statics: programs.Statics, exemplars: int, st
     batch = programs.ReferenceInputs(
         shapes.latents(exemplars, steps + 1), shapes.cond(exemplars * contexts), _times(steps)
     )
-    per_device = parallel.spread(steps * contexts * exemplars, mesh.size)[1]
-    trips = reference_batches(per_device, statics.reference_batch_size)[0]
+    trips = device_batches(steps * contexts * exemplars, mesh.size, statics.reference_batch_size)[0]
     args = (parallel.abstract(shapes.params["unet"], mesh), parallel.abstract(batch, mesh))
     return Call(REFERENCE_LABEL, programs.Program(programs.reference, statics), args, trips)
 
